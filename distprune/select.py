@@ -1,0 +1,253 @@
+"""Threshold selection over a stream of non-negative score tensors.
+
+A comparison group is a stream: a callable that, each time it is called, yields
+``(layer_name, scores)`` pairs in a fixed order. Selectors never hold more than one
+layer's scores at a time (except ``sort``, the reference, which concatenates).
+
+The selected set is defined exactly: the ``k`` smallest scores, ties at the k-th value
+broken by stream order (layer order, then flat index of the score tensor). A
+``Selection`` says ``threshold`` (the k-th smallest score) and ``tie_quota`` (how many
+scores equal to the threshold are pruned, in that order); ``masks.py`` turns it into
+per-layer masks. Every reduction goes through ``comm`` so the same code runs on one
+process or many.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from distprune.dist import Comm, SINGLE
+
+ScoreStream = Callable[[], Iterable[tuple[str, torch.Tensor]]]
+
+SELECTORS = ("radix", "search", "sort")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+BINS = 1 << 16
+# First bit pattern (as a non-negative integer) that is Inf or NaN, per score dtype.
+_NONFINITE_FROM = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+class NonFiniteScoreError(ValueError):
+    """A layer produced NaN or Inf importance scores."""
+
+
+@dataclass
+class Selection:
+    k: int  # scores to prune in the group
+    n: int  # scores in the group
+    threshold: Optional[torch.Tensor]  # 0-d tensor of the score dtype; None when k == 0
+    tie_quota: Optional[int]  # scores == threshold to prune (in stream order); None: all
+    passes: int  # streaming passes over the scores
+    selector: str
+
+    @property
+    def exact(self) -> bool:
+        return self.tie_quota is not None or self.threshold is None
+
+
+def target_count(sparsity: float, n: int) -> int:
+    """Number of weights pruned in a group of n: round(sparsity * n), halves to even."""
+    return int(round(sparsity * n))
+
+
+def check_finite(name: str, scores: torch.Tensor) -> None:
+    if not bool(torch.isfinite(scores).all()):
+        raise NonFiniteScoreError(f"non-finite (NaN or Inf) importance scores in layer {name}")
+
+
+def _raise_nonfinite(stream: ScoreStream) -> None:
+    for name, s in stream():
+        check_finite(name, s)
+    raise NonFiniteScoreError("non-finite importance scores on another rank")
+
+
+def _bits(s: torch.Tensor) -> torch.Tensor:
+    """Score bit patterns as non-negative int32: monotone in the value for scores >= 0.
+
+    The sign bit is cleared, so -0.0 reads as +0.0 and a negative NaN still reads as NaN.
+    """
+    if s.dtype in HALF_DTYPES:
+        return s.reshape(-1).view(torch.int16).to(torch.int32) & 0x7FFF
+    if s.dtype != torch.float32:
+        raise TypeError(f"scores must be float32, bfloat16 or float16, got {s.dtype}")
+    return s.reshape(-1).view(torch.int32) & 0x7FFFFFFF
+
+
+def _from_bits(bits: int, dtype: torch.dtype) -> torch.Tensor:
+    if dtype in HALF_DTYPES:
+        return torch.tensor(bits, dtype=torch.int16).view(dtype)
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+
+
+def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Bin holding the k-th smallest (1-based) of a histogram, and the count below that bin."""
+    cum = torch.cumsum(hist, 0)
+    b = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype)).item())
+    below = int(cum[b - 1].item()) if b > 0 else 0
+    return b, below
+
+
+def _score_dtype(stream: ScoreStream) -> torch.dtype:
+    for _, s in stream():
+        return s.dtype
+    raise ValueError("empty comparison group")
+
+
+def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
+                 dtype: Optional[torch.dtype] = None) -> Selection:
+    """Exact k-th smallest score by a two-level radix histogram of the bit patterns.
+
+    Pass 1: a 65,536-bin histogram of the top 16 bits (all 16 bits for half scores),
+    all-reduced; its cumulative sum names the bin of the k-th score. Pass 2 (float32
+    only): a histogram of the low 16 bits of the scores inside that bin. Memory: the
+    histograms plus one layer's scores.
+    """
+    if k == 0:
+        return Selection(k, n, None, 0, 0, "radix")
+    dtype = dtype or _score_dtype(stream)
+    half = dtype in HALF_DTYPES
+    hist = torch.zeros(BINS, dtype=torch.int64)
+    for _, s in stream():
+        bits = _bits(s)
+        hist += torch.bincount(bits if half else bits >> 16, minlength=BINS).to("cpu")
+    comm.all_reduce_sum(hist)
+    limit = _NONFINITE_FROM[dtype] >> (0 if half else 16)
+    if int(hist[limit:].sum()) > 0:
+        _raise_nonfinite(stream)
+    hi, below = _locate(hist, k)
+    if half:
+        return Selection(k, n, _from_bits(hi, dtype), k - below, 1, "radix")
+
+    base = hi << 16
+    hist2 = torch.zeros(BINS + 2, dtype=torch.int64)  # bins 0 and BINS+1 catch other buckets
+    for _, s in stream():
+        low = (_bits(s) - base).clamp_(-1, BINS) + 1
+        hist2 += torch.bincount(low, minlength=BINS + 2).to("cpu")
+    comm.all_reduce_sum(hist2)
+    lo, below2 = _locate(hist2[1:BINS + 1], k - below)
+    return Selection(k, n, _from_bits(base | lo, dtype), k - below - below2, 2, "radix")
+
+
+def select_sort(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE) -> Selection:
+    """Reference: concatenate every score and take the k smallest with topk (O(n) memory).
+
+    This is what torch.nn.utils.prune.global_unstructured does; ties are then resolved
+    by the same stream order as the other selectors.
+    """
+    if k == 0:
+        return Selection(k, n, None, 0, 0, "sort")
+    cat = comm.all_gather_cat(torch.cat([s.reshape(-1) for _, s in stream()]))
+    if not bool(torch.isfinite(cat).all()):
+        _raise_nonfinite(stream)
+    t = torch.topk(cat, k, largest=False, sorted=False).values.max()
+    below = int((cat < t).sum())
+    return Selection(k, n, t.cpu(), k - below, 1, "sort")
+
+
+def select_search(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
+                  tol: float = 1e-4, max_iter: int = 20) -> Selection:
+    """The seed report's selector: normal-approximation guess, then bisection on counts.
+
+    Pass 1 streams the sum, the sum of squares and the maximum; the first guess is
+    mean + Phi^-1(k/n) * std. Each later pass counts scores <= the guess and halves the
+    bracket, stopping when the count is within tol * n of k or after max_iter passes.
+    Approximate by design: it prunes every score <= the final threshold.
+    """
+    if k == 0:
+        return Selection(k, n, None, 0, 0, "search")
+    sums = torch.zeros(2, dtype=torch.float64)  # sum, sum of squares
+    top = torch.zeros(1, dtype=torch.float64)
+    dtype = None
+    for _, s in stream():
+        sums[0] += s.sum(dtype=torch.float64).cpu()
+        sums[1] += torch.linalg.vector_norm(s, dtype=torch.float64).square().cpu()
+        top = torch.maximum(top, s.max().double().cpu())
+        dtype = s.dtype
+    comm.all_reduce_sum(sums)
+    comm.all_reduce_max(top)
+    if not bool(torch.isfinite(sums).all() and torch.isfinite(top).all()):
+        _raise_nonfinite(stream)
+    (total, total_sq), top = sums.tolist(), float(top)
+    mean = total / n
+    std = math.sqrt(max(total_sq / n - mean * mean, 0.0))
+    q = min(max(k / n, 1e-9), 1 - 1e-9)
+    lo, hi = 0.0, top
+    t = min(max(mean + NormalDist().inv_cdf(q) * std, lo), hi)
+    passes = 1
+    for _ in range(max_iter):
+        count = torch.zeros(1, dtype=torch.int64)
+        tt = torch.tensor(t, dtype=dtype)
+        for _, s in stream():
+            count += (s <= tt).sum().cpu()
+        comm.all_reduce_sum(count)
+        passes += 1
+        c = int(count)
+        if abs(c - k) <= tol * n:
+            break
+        if c < k:
+            lo = t
+        else:
+            hi = t
+        t = (lo + hi) / 2
+    return Selection(k, n, torch.tensor(t, dtype=dtype), None, passes, "search")
+
+
+def select(selector: str, stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
+           search_tol: float = 1e-4, search_max_iter: int = 20) -> Selection:
+    if selector == "radix":
+        return select_radix(stream, k, n, comm)
+    if selector == "sort":
+        return select_sort(stream, k, n, comm)
+    if selector == "search":
+        return select_search(stream, k, n, comm, tol=search_tol, max_iter=search_max_iter)
+    raise ValueError(f"unknown selector {selector!r}; expected one of {', '.join(SELECTORS)}")
+
+
+class TieBudget:
+    """Hands out the tie quota of a Selection in stream order, layer by layer."""
+
+    def __init__(self, selection: Selection):
+        self.selection = selection
+        self.remaining = selection.tie_quota
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """Boolean mask (True = prune) of one layer's scores, in stream order."""
+        t = self.selection.threshold
+        if t is None:
+            return torch.zeros_like(scores, dtype=torch.bool)
+        t = t.to(scores.device)
+        if self.remaining is None:
+            return scores <= t
+        mask = scores < t
+        if self.remaining > 0:
+            eq = scores == t
+            ties = int(eq.sum())
+            if ties <= self.remaining:
+                mask |= eq
+                self.remaining -= ties
+            else:
+                flat = mask.view(-1)
+                flat[eq.view(-1).nonzero().squeeze(1)[: self.remaining]] = True
+                self.remaining = 0
+        return mask
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Exact per-row selection (Wanda's comparison group): round(sparsity * columns)
+    smallest scores of every row, ties broken by column index. O(n) with kthvalue."""
+    rows, cols = scores.shape
+    k = target_count(sparsity, cols)
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    t = torch.kthvalue(scores, k, dim=1, keepdim=True).values  # (rows, 1)
+    mask = scores < t
+    eq = scores == t
+    need = k - mask.sum(1, keepdim=True)
+    mask |= eq & (torch.cumsum(eq, 1) <= need)
+    return mask
+

@@ -1,0 +1,143 @@
+"""Selectors against a brute-force reference: stable sort of the concatenated scores."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distprune.select import (
+    NonFiniteScoreError,
+    TieBudget,
+    row_mask,
+    select,
+    select_search,
+    target_count,
+)
+
+
+def reference_masks(layers: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """The k smallest scores, ties by (layer order, flat index): a stable argsort."""
+    flat = torch.cat([s.reshape(-1).float() for s in layers]).numpy()
+    chosen = np.zeros(flat.size, dtype=bool)
+    chosen[np.argsort(flat, kind="stable")[:k]] = True
+    out, start = [], 0
+    for s in layers:
+        out.append(torch.from_numpy(chosen[start:start + s.numel()].reshape(s.shape)))
+        start += s.numel()
+    return out
+
+
+def masks_of(selector: str, layers: list[torch.Tensor], k: int) -> tuple[list[torch.Tensor], int]:
+    stream = lambda: ((f"layer{i}", s) for i, s in enumerate(layers))  # noqa: E731
+    n = sum(s.numel() for s in layers)
+    sel = select(selector, stream, k, n)
+    budget = TieBudget(sel)
+    return [budget.mask(s) for s in layers], sel.passes
+
+
+def make_scores(kind: str, shapes, dtype, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        if kind == "normal":
+            s = torch.randn(shape, generator=g).abs()
+        elif kind == "lognormal":
+            s = torch.randn(shape, generator=g).mul(3).exp()
+        elif kind == "ties":  # few distinct values, like quantized weights
+            s = torch.randint(0, 4, shape, generator=g).float() / 8
+        elif kind == "equal":
+            s = torch.full(shape, 0.25)
+        elif kind == "zeros":
+            s = torch.zeros(shape)
+        elif kind == "tiny":  # subnormals and exact zeros mixed in
+            s = torch.randn(shape, generator=g).abs() * 1e-39
+            s[torch.rand(shape, generator=g) < 0.3] = 0.0
+        else:
+            raise AssertionError(kind)
+        out.append(s.to(dtype))
+    return out
+
+
+KINDS = ["normal", "lognormal", "ties", "equal", "zeros", "tiny"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from(DTYPES),
+    shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 40)), min_size=1, max_size=5),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_radix_and_sort_match_reference(kind, dtype, shapes, frac, seed):
+    layers = make_scores(kind, shapes, dtype, seed)
+    n = sum(s.numel() for s in layers)
+    k = min(int(frac * (n + 1)), n)  # every k in [0, n]
+    ref = reference_masks(layers, k)
+    for selector in ("radix", "sort"):
+        got, _ = masks_of(selector, layers, k)
+        for r, m in zip(ref, got):
+            assert torch.equal(r, m), (selector, kind, dtype, k)
+    assert sum(int(m.sum()) for m in got) == k
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k_of", [lambda n: 0, lambda n: 1, lambda n: n // 2, lambda n: n - 1, lambda n: n])
+def test_edge_k(kind, k_of):
+    layers = make_scores(kind, [(7, 13), (1, 1), (5, 3)], torch.float32, 3)
+    n = sum(s.numel() for s in layers)
+    k = k_of(n)
+    ref = reference_masks(layers, k)
+    for selector in ("radix", "sort"):
+        got, _ = masks_of(selector, layers, k)
+        assert all(torch.equal(r, m) for r, m in zip(ref, got))
+
+
+def test_radix_passes_by_dtype():
+    for dtype, passes in [(torch.float32, 2), (torch.bfloat16, 1), (torch.float16, 1)]:
+        layers = make_scores("normal", [(64, 64)] * 3, dtype, 0)
+        _, p = masks_of("radix", layers, 5000)
+        assert p == passes
+
+
+@pytest.mark.parametrize("kind", ["normal", "lognormal"])
+def test_search_is_close_and_converges(kind):
+    layers = make_scores(kind, [(200, 300)] * 4, torch.float32, 1)
+    n = sum(s.numel() for s in layers)
+    k = target_count(0.5, n)
+    stream = lambda: (("l", s) for s in layers)  # noqa: E731
+    sel = select_search(stream, k, n, tol=1e-3, max_iter=60)
+    pruned = sum(int((s <= sel.threshold).sum()) for s in layers)
+    assert abs(pruned - k) <= 1e-3 * n
+    assert not sel.exact
+    # one pass for the moments, then at most max_iter counting passes
+    assert 2 <= sel.passes <= 61
+
+
+@pytest.mark.parametrize("selector", ["radix", "sort", "search"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_names_layer(selector, bad, dtype):
+    layers = make_scores("normal", [(4, 4)] * 3, dtype, 0)
+    layers[1][2, 3] = bad
+    with pytest.raises(NonFiniteScoreError, match="layer1"):
+        masks_of(selector, layers, 10)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    rows=st.integers(1, 8),
+    cols=st.integers(1, 50),
+    sparsity=st.floats(0.0, 0.999),
+    seed=st.integers(0, 2**16),
+)
+def test_row_mask_matches_stable_sort(kind, rows, cols, sparsity, seed):
+    (s,) = make_scores(kind, [(rows, cols)], torch.float32, seed)
+    k = target_count(sparsity, cols)
+    expect = torch.zeros(rows, cols, dtype=torch.bool)
+    order = torch.from_numpy(np.argsort(s.numpy(), axis=1, kind="stable"))
+    expect.scatter_(1, order[:, :k], True)
+    assert torch.equal(row_mask(s, sparsity), expect)
