@@ -120,7 +120,9 @@ def _from_path(path: str, dtype) -> LoadedModel:
 def _check_causal(config, source: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    archs = getattr(config, "architectures", None) or []
+    causal_arch = not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not causal_arch:
         raise ConfigError(f"model {source!r} is a {config.model_type!r} model, not a causal language model")
 
 
@@ -136,7 +138,10 @@ def _from_pretrained(path: str, dtype, gguf_file: Optional[str] = None) -> Loade
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path={source!r} cannot be loaded: {str(e).splitlines()[0]}") from e
     _check_causal(config, source)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **quant)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **quant)
+    except OSError as e:  # no weights file, unreadable shards
+        raise ConfigError(f"model.path={source!r} cannot be loaded: {str(e).splitlines()[0]}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     except (OSError, ValueError) as e:

@@ -1,0 +1,145 @@
+"""End to end on tiny random models: prune, save, load back, generate, count zeros."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distprune import PruneConfig, prune
+from distprune.checkpoint import REPORT
+from distprune.cli import run
+from distprune.models import load, prunable_layers
+from distprune.select import target_count
+
+
+def dense_and_pruned(cfg):
+    report = run(cfg)
+    dense = load(cfg.model).model
+    pruned = AutoModelForCausalLM.from_pretrained(cfg.output_dir).eval()
+    return report, dense, pruned
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("scope", ["global", "layer", "row"])
+def test_magnitude_scopes_exact_counts(tiny, arch, scope):
+    cfg = tiny(arch=arch, method="magnitude", scope=scope, sparsity=0.3)
+    report, dense, pruned = dense_and_pruned(cfg)
+    names = [layer.name for layer in prunable_layers(dense)]
+    dsd, psd = dense.state_dict(), pruned.state_dict()
+    weights = {f"{n}.weight" for n in names}
+
+    # every tensor that is not a prunable weight is bit-identical
+    for key, value in dsd.items():
+        if key not in weights:
+            assert torch.equal(value, psd[key]), key
+
+    # pruned weights only lose values, never change them; zeros are +0.0
+    total = 0
+    for layer in prunable_layers(pruned):
+        w = layer.weight
+        w_dense = dsd[f"{layer.name}.weight"]
+        w_dense = w_dense.t() if layer.transposed else w_dense
+        kept = w != 0
+        assert torch.equal(w[kept], w_dense[kept])
+        assert not torch.signbit(w[~kept]).any()
+        zeros = int((~kept).sum())
+        total += zeros
+        if scope == "row":  # (out, in): every output row loses exactly round(s * in)
+            assert ((~kept).sum(1) == target_count(0.3, w.shape[1])).all()
+        if scope == "layer":
+            assert zeros == target_count(0.3, w.numel())
+        # the kept weights are the larger ones of the comparison group
+        if scope in ("row", "layer") and kept.any() and (~kept).any():
+            a = w_dense.abs()
+            if scope == "row":
+                dropped_max = a.masked_fill(kept, -1).max(1).values
+                kept_min = a.masked_fill(~kept, float("inf")).min(1).values
+                assert (dropped_max <= kept_min).all()
+            else:
+                assert a[~kept].max() <= a[kept].min()
+    n = sum(layer.numel for layer in prunable_layers(dense))
+    if scope == "global":
+        assert total == target_count(0.3, n)
+        # every dropped |w| <= threshold <= every kept |w|
+        t = report["threshold"]
+        for layer in prunable_layers(pruned):
+            w = layer.weight
+            w_dense = dsd[f"{layer.name}.weight"]
+            w_dense = (w_dense.t() if layer.transposed else w_dense).abs()
+            assert (w_dense[w == 0] <= t).all() and (w_dense[w != 0] >= t).all()
+    assert report["pruned_weights"] == total
+    assert report["prunable_weights"] == n
+    assert set(report["seconds"]) >= {"load", "score+select", "mask", "save"}
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = pruned.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 9)
+    on_disk = json.loads((Path(cfg.output_dir) / REPORT).read_text())
+    assert on_disk["method"] == "magnitude" and on_disk["world_size"] == 1
+
+
+@pytest.mark.parametrize("selector", ["radix", "sort"])
+def test_global_selectors_identical_on_bf16(tiny, selector):
+    """bf16 weights repeat values: exact selectors must still prune exactly k."""
+    cfg = tiny(method="magnitude", scope="global", sparsity=0.5, selector=selector)
+    cfg.model.dtype = "bfloat16"
+    report = run(cfg)
+    assert report["pruned_weights"] == target_count(0.5, report["prunable_weights"])
+    assert report["dtype"] == "bfloat16"
+    assert report["selector_passes"] == 1
+
+
+def test_search_selector_is_close(tiny):
+    cfg = tiny(method="magnitude", scope="global", sparsity=0.5, selector="search", search_tol=1e-3)
+    report = run(cfg)
+    assert abs(report["pruned_fraction"] - 0.5) <= 1e-3 + 1e-9
+    assert report["selector_passes"] >= 2
+
+
+def test_wanda_api_matches_brute_force(tiny):
+    """Wanda row scope through the API equals a direct per-row sort of |W| * ||X||."""
+    cfg = tiny(method="wanda", scope="row", sparsity=0.5)
+    model = load(cfg.model).model
+    layers = prunable_layers(model)
+    g = torch.Generator().manual_seed(1)
+    norms = {layer.name: torch.rand(layer.weight.shape[1], generator=g, dtype=torch.float64) for layer in layers}
+    expected = {}
+    for layer in layers:
+        s = layer.weight.abs() * norms[layer.name].float()[None, :]
+        order = s.argsort(dim=1, stable=True)[:, : target_count(0.5, s.shape[1])]
+        expected[layer.name] = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True)
+    result = prune(model, PruneConfig(method="wanda", scope="row", sparsity=0.5), norms=norms)
+    for layer in layers:
+        assert torch.equal(layer.weight == 0, expected[layer.name])
+    assert result.pruned == sum(int(m.sum()) for m in expected.values())
+
+
+def test_wanda_without_norms_is_an_error(tiny):
+    model = load(tiny().model).model
+    with pytest.raises(ValueError, match="needs activation norms"):
+        prune(model, PruneConfig(method="wanda"))
+
+
+def test_include_exclude(tiny):
+    cfg = tiny(include=["*mlp*"], exclude=["*down_proj"])
+    report = run(cfg)
+    names = [r["name"] for r in report["layers"]]
+    assert names and all("mlp" in n and "down_proj" not in n for n in names)
+
+
+def test_sparsity_zero_changes_nothing(tiny):
+    cfg = tiny(scope="global", sparsity=0.0)
+    report, dense, pruned = dense_and_pruned(cfg)
+    assert report["pruned_weights"] == 0
+    for key, value in dense.state_dict().items():
+        assert torch.equal(value, pruned.state_dict()[key])
+
+
+def test_sharded_save_loads(tiny):
+    cfg = tiny(scope="layer")
+    cfg.max_shard_size = "100KB"
+    _, dense, pruned = dense_and_pruned(cfg)
+    assert (Path(cfg.output_dir) / "model.safetensors.index.json").is_file()
+    assert sum(int((p == 0).sum()) for p in pruned.parameters()) > 0
