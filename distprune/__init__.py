@@ -3,4 +3,4 @@
 from distprune.api import PruneResult, prune
 from distprune.config import PruneConfig
 
-__all__ = ["prune", "PruneConfig", "PruneResult"]
+__all__ = ["PruneConfig", "PruneResult", "prune"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -51,9 +50,9 @@ class PruneResult:
 
 
 @torch.no_grad()
-def prune(model: nn.Module, config: Union[PruneConfig, dict, None] = None,
-          norms: Optional[dict[str, torch.Tensor]] = None, comm: Comm = SINGLE,
-          layers: Optional[list[PrunableLayer]] = None, show_progress: bool = True) -> PruneResult:
+def prune(model: nn.Module, config: PruneConfig | dict | None = None,
+          norms: dict[str, torch.Tensor] | None = None, comm: Comm = SINGLE,
+          layers: list[PrunableLayer] | None = None, show_progress: bool = True) -> PruneResult:
     """Prune the decoder-block linear weights of ``model`` in place.
 
     ``norms`` maps layer names to per-input-channel activation L2 norms (wanda).

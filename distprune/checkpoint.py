@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 from torch import nn
 
@@ -17,7 +17,7 @@ from distprune.config import ConfigError
 REPORT = "distprune_report.json"
 
 
-def check_output(output_dir: str, overwrite: bool, input_dir: Optional[Path]) -> Path:
+def check_output(output_dir: str, overwrite: bool, input_dir: Path | None) -> Path:
     """Refuse an output_dir that is a file, is non-empty (unless overwrite), or would
     replace the input model."""
     out = Path(output_dir).expanduser().resolve()

@@ -7,7 +7,7 @@ ConfigError with one line that names the bad key and value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -29,9 +29,9 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"  # preset name; also names the default output directory
-    path: Optional[str] = None  # HF model dir, hub id or .gguf file; None: the built-in preset
+    path: str | None = None  # HF model dir, hub id or .gguf file; None: the built-in preset
     dtype: str = "auto"  # auto keeps the checkpoint's dtype
-    random: Optional[dict[str, Any]] = None  # a transformers config dict: random weights
+    random: dict[str, Any] | None = None  # a transformers config dict: random weights
     seed: int = 0  # seed of random weights
 
     def check(self) -> None:

@@ -54,7 +54,7 @@ class Comm:
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         self._count(padded)
         self._dist.all_gather(parts, padded)
-        return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
+        return torch.cat([p[: int(n)] for p, n in zip(parts, sizes, strict=True)])
 
     def barrier(self) -> None:
         if self._dist:

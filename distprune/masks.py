@@ -7,8 +7,8 @@ holds one layer's scores at a time.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +31,7 @@ class LayerResult:
 @dataclass
 class GroupsResult:
     layers: list[LayerResult]
-    selection: Optional[Selection] = None  # the global selection, for global scope
+    selection: Selection | None = None  # the global selection, for global scope
     passes: int = 0  # streaming passes over the scores, summed over groups
     seconds: dict[str, float] = field(default_factory=lambda: {"score+select": 0.0, "mask": 0.0})
 
@@ -60,7 +60,7 @@ def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsi
             mask = row_mask(s, sparsity)
             res.passes += 1
         elif scope == "layer":
-            stream = lambda: [(layer.name, s)]  # noqa: E731 (one layer: its scores fit)
+            stream = lambda name=layer.name, s=s: [(name, s)]  # one layer: its scores fit
             sel = select(selector, stream, target_count(sparsity, s.numel()), s.numel(), SINGLE, **search)
             mask = TieBudget(sel).mask(s)
             res.passes += sel.passes

@@ -11,7 +11,6 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -50,7 +49,7 @@ class PrunableLayer:
 @dataclass
 class LoadedModel:
     model: nn.Module
-    tokenizer: Optional[object]
+    tokenizer: object | None
     source: str  # what was loaded: a path, a hub id, or random:<model_type>
 
 
@@ -88,7 +87,7 @@ def check_source(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.path={cfg.path!r} does not exist")
 
 
-def input_dir(cfg: ModelConfig) -> Optional[Path]:
+def input_dir(cfg: ModelConfig) -> Path | None:
     """The local directory the input checkpoint lives in (never to be written), if any."""
     if cfg.random is not None:
         return None
@@ -126,7 +125,7 @@ def _check_causal(config, source: str) -> None:
         raise ConfigError(f"model {source!r} is a {config.model_type!r} model, not a causal language model")
 
 
-def _from_pretrained(path: str, dtype, gguf_file: Optional[str] = None) -> LoadedModel:
+def _from_pretrained(path: str, dtype, gguf_file: str | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}

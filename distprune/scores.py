@@ -7,20 +7,20 @@ is computed in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
 from distprune.select import HALF_DTYPES
 
 
-def magnitude(weight: torch.Tensor, norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+def magnitude(weight: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
     """|W|, shape (out, in)."""
     return weight.abs() if weight.dtype in HALF_DTYPES else weight.float().abs()
 
 
-def wanda(weight: torch.Tensor, norms: Optional[torch.Tensor]) -> torch.Tensor:
+def wanda(weight: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
     """|W_ij| * ||X_j||_2 (Sun et al., 2023): norms is (in,), the L2 norm of each input
     channel over the calibration tokens."""
     if norms is None:
@@ -30,7 +30,7 @@ def wanda(weight: torch.Tensor, norms: Optional[torch.Tensor]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Scorer:
-    fn: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+    fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
     needs_stats: bool  # needs calibration statistics (activation norms)
 
 

@@ -15,13 +15,13 @@ process or many.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Callable, Iterable, Optional
 
 import torch
 
-from distprune.dist import Comm, SINGLE
+from distprune.dist import SINGLE, Comm
 
 ScoreStream = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 
@@ -40,8 +40,8 @@ class NonFiniteScoreError(ValueError):
 class Selection:
     k: int  # scores to prune in the group
     n: int  # scores in the group
-    threshold: Optional[torch.Tensor]  # 0-d tensor of the score dtype; None when k == 0
-    tie_quota: Optional[int]  # scores == threshold to prune (in stream order); None: all
+    threshold: torch.Tensor | None  # 0-d tensor of the score dtype; None when k == 0
+    tie_quota: int | None  # scores == threshold to prune (in stream order); None: all
     passes: int  # streaming passes over the scores
     selector: str
 
@@ -52,7 +52,7 @@ class Selection:
 
 def target_count(sparsity: float, n: int) -> int:
     """Number of weights pruned in a group of n: round(sparsity * n), halves to even."""
-    return int(round(sparsity * n))
+    return round(sparsity * n)
 
 
 def check_finite(name: str, scores: torch.Tensor) -> None:
@@ -99,7 +99,7 @@ def _score_dtype(stream: ScoreStream) -> torch.dtype:
 
 
 def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
-                 dtype: Optional[torch.dtype] = None) -> Selection:
+                 dtype: torch.dtype | None = None) -> Selection:
     """Exact k-th smallest score by a two-level radix histogram of the bit patterns.
 
     Pass 1: a 65,536-bin histogram of the top 16 bits (all 16 bits for half scores),
@@ -240,7 +240,7 @@ class TieBudget:
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Exact per-row selection (Wanda's comparison group): round(sparsity * columns)
     smallest scores of every row, ties broken by column index. O(n) with kthvalue."""
-    rows, cols = scores.shape
+    cols = scores.shape[1]
     k = target_count(sparsity, cols)
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)

@@ -140,6 +140,6 @@ def test_sparsity_zero_changes_nothing(tiny):
 def test_sharded_save_loads(tiny):
     cfg = tiny(scope="layer")
     cfg.max_shard_size = "100KB"
-    _, dense, pruned = dense_and_pruned(cfg)
+    _, _, pruned = dense_and_pruned(cfg)
     assert (Path(cfg.output_dir) / "model.safetensors.index.json").is_file()
     assert sum(int((p == 0).sum()) for p in pruned.parameters()) > 0

@@ -29,7 +29,7 @@ def reference_masks(layers: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 def masks_of(selector: str, layers: list[torch.Tensor], k: int) -> tuple[list[torch.Tensor], int]:
-    stream = lambda: ((f"layer{i}", s) for i, s in enumerate(layers))  # noqa: E731
+    stream = lambda: ((f"layer{i}", s) for i, s in enumerate(layers))
     n = sum(s.numel() for s in layers)
     sel = select(selector, stream, k, n)
     budget = TieBudget(sel)
@@ -78,7 +78,7 @@ def test_radix_and_sort_match_reference(kind, dtype, shapes, frac, seed):
     ref = reference_masks(layers, k)
     for selector in ("radix", "sort"):
         got, _ = masks_of(selector, layers, k)
-        for r, m in zip(ref, got):
+        for r, m in zip(ref, got, strict=True):
             assert torch.equal(r, m), (selector, kind, dtype, k)
     assert sum(int(m.sum()) for m in got) == k
 
@@ -92,7 +92,7 @@ def test_edge_k(kind, k_of):
     ref = reference_masks(layers, k)
     for selector in ("radix", "sort"):
         got, _ = masks_of(selector, layers, k)
-        assert all(torch.equal(r, m) for r, m in zip(ref, got))
+        assert all(torch.equal(r, m) for r, m in zip(ref, got, strict=True))
 
 
 def test_radix_passes_by_dtype():
@@ -107,7 +107,7 @@ def test_search_is_close_and_converges(kind):
     layers = make_scores(kind, [(200, 300)] * 4, torch.float32, 1)
     n = sum(s.numel() for s in layers)
     k = target_count(0.5, n)
-    stream = lambda: (("l", s) for s in layers)  # noqa: E731
+    stream = lambda: (("l", s) for s in layers)
     sel = select_search(stream, k, n, tol=1e-3, max_iter=60)
     pruned = sum(int((s <= sel.threshold).sum()) for s in layers)
     assert abs(pruned - k) <= 1e-3 * n
