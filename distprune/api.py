@@ -69,7 +69,8 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None,
             raise ConfigError(f"prune.method={cfg.method} needs activation norms; none for {missing[0]}")
 
     def score(layer: PrunableLayer) -> torch.Tensor:
-        return scorer.fn(layer.weight, norms[layer.name] if norms else None)
+        # contiguous: stream order (ties) is the flat index of the (out, in) scores
+        return scorer.fn(layer.weight, norms[layer.name] if norms else None).contiguous()
 
     groups = prune_groups(layers, score, cfg.scope, cfg.sparsity, cfg.selector, comm, show_progress,
                           search_tol=cfg.search_tol, search_max_iter=cfg.search_max_iter)

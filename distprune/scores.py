@@ -25,7 +25,8 @@ def wanda(weight: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
     channel over the calibration tokens."""
     if norms is None:
         raise ValueError("wanda scores need the activation norms of the layer")
-    return weight.float().abs().mul_(norms.to(device=weight.device, dtype=torch.float32)[None, :])
+    # abs of a 16-bit weight is exact; the product is computed in float32 by type promotion
+    return weight.abs() * norms.to(device=weight.device, dtype=torch.float32)[None, :]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ process or many.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -66,22 +67,30 @@ def _raise_nonfinite(stream: ScoreStream) -> None:
     raise NonFiniteScoreError("non-finite importance scores on another rank")
 
 
-def _bits(s: torch.Tensor) -> torch.Tensor:
-    """Score bit patterns as non-negative int32: monotone in the value for scores >= 0.
-
-    The sign bit is cleared, so -0.0 reads as +0.0 and a negative NaN still reads as NaN.
-    """
-    if s.dtype in HALF_DTYPES:
-        return s.reshape(-1).view(torch.int16).to(torch.int32) & 0x7FFF
-    if s.dtype != torch.float32:
+def _halves(s: torch.Tensor) -> torch.Tensor:
+    """Scores as 16-bit integers: the whole value for half dtypes; for float32 the
+    (low, high) halves interleaved (little-endian). For scores >= 0 the high half is
+    monotone in the value, so a bincount of it orders the scores."""
+    if s.dtype not in _NONFINITE_FROM:
         raise TypeError(f"scores must be float32, bfloat16 or float16, got {s.dtype}")
-    return s.reshape(-1).view(torch.int32) & 0x7FFFFFFF
+    return s.reshape(-1).view(torch.int16)
+
+
+def _bincount(name: str, s: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    try:
+        return torch.bincount(values, minlength=BINS).cpu()
+    except RuntimeError:  # a negative value: the sign bit of a score is set
+        check_finite(name, s)
+        raise ValueError(f"negative importance scores in layer {name}") from None
 
 
 def _from_bits(bits: int, dtype: torch.dtype) -> torch.Tensor:
     if dtype in HALF_DTYPES:
         return torch.tensor(bits, dtype=torch.int16).view(dtype)
     return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+
+
+assert sys.byteorder == "little", "radix reads the high half of float32 scores at odd int16 offsets"
 
 
 def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -112,9 +121,9 @@ def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
     dtype = dtype or _score_dtype(stream)
     half = dtype in HALF_DTYPES
     hist = torch.zeros(BINS, dtype=torch.int64)
-    for _, s in stream():
-        bits = _bits(s)
-        hist += torch.bincount(bits if half else bits >> 16, minlength=BINS).to("cpu")
+    for name, s in stream():
+        v = _halves(s)
+        hist += _bincount(name, s, v if half else v[1::2])
     comm.all_reduce_sum(hist)
     limit = _NONFINITE_FROM[dtype] >> (0 if half else 16)
     if int(hist[limit:].sum()) > 0:
@@ -123,14 +132,14 @@ def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
     if half:
         return Selection(k, n, _from_bits(hi, dtype), k - below, 1, "radix")
 
-    base = hi << 16
-    hist2 = torch.zeros(BINS + 2, dtype=torch.int64)  # bins 0 and BINS+1 catch other buckets
+    hist2 = torch.zeros(BINS, dtype=torch.int64)
     for _, s in stream():
-        low = (_bits(s) - base).clamp_(-1, BINS) + 1
-        hist2 += torch.bincount(low, minlength=BINS + 2).to("cpu")
+        v = _halves(s)
+        low = v[0::2][v[1::2] == hi]  # low halves of the scores in bucket hi: a small set
+        hist2 += torch.bincount(low.to(torch.int32) & 0xFFFF, minlength=BINS).cpu()
     comm.all_reduce_sum(hist2)
-    lo, below2 = _locate(hist2[1:BINS + 1], k - below)
-    return Selection(k, n, _from_bits(base | lo, dtype), k - below - below2, 2, "radix")
+    lo, below2 = _locate(hist2, k - below)
+    return Selection(k, n, _from_bits((hi << 16) | lo, dtype), k - below - below2, 2, "radix")
 
 
 def select_sort(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE) -> Selection:

@@ -80,10 +80,11 @@ def test_magnitude_scopes_exact_counts(tiny, arch, scope):
     assert on_disk["method"] == "magnitude" and on_disk["world_size"] == 1
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("selector", ["radix", "sort"])
-def test_global_selectors_identical_on_bf16(tiny, selector):
+def test_global_selectors_identical_on_bf16(tiny, selector, arch):
     """bf16 weights repeat values: exact selectors must still prune exactly k."""
-    cfg = tiny(method="magnitude", scope="global", sparsity=0.5, selector=selector)
+    cfg = tiny(arch=arch, method="magnitude", scope="global", sparsity=0.5, selector=selector)
     cfg.model.dtype = "bfloat16"
     report = run(cfg)
     assert report["pruned_weights"] == target_count(0.5, report["prunable_weights"])

@@ -1,0 +1,222 @@
+"""Global-threshold selection, side by side: sort (concatenate + topk), torch's
+prune.global_unstructured, the seed report's search, and radix.
+
+Synthetic bf16 weights shaped like a real model's decoder blocks, magnitude and wanda
+scores. Every (score, method) runs in a fresh subprocess so that its peak memory is its
+own: peak extra memory = peak RSS during the call minus RSS just before it.
+
+    python scripts/bench_select.py --shapes smollm2-135m --repeat 5 --write docs/BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distprune.scores import SCORERS
+from distprune.select import TieBudget, select, target_count
+
+# (out, in) shapes of one decoder block's linear layers, and the number of blocks.
+SHAPES = {
+    "smollm2-135m": (30, lambda h=576, i=1536, kv=192: [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]),
+    "tinyllama-1.1b": (22, lambda h=2048, i=5632, kv=256: [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]),
+    "llama-2-7b": (32, lambda h=4096, i=11008: [(h, h), (h, h), (h, h), (h, h), (i, h), (i, h), (h, i)]),
+}
+METHODS = ("sort", "global_unstructured", "search", "radix")
+
+
+def make_weights(shapes: str, blocks: int | None, seed: int = 0, device: str = "cpu"):
+    count, block = SHAPES[shapes]
+    g = torch.Generator(device=device).manual_seed(seed)
+    weights, norms = [], []
+    for _ in range(blocks or count):
+        for out_f, in_f in block():
+            w = torch.randn(out_f, in_f, generator=g, device=device).mul_(0.02).to(torch.bfloat16)
+            weights.append(w)
+            # per-input-channel activation norms: heavy-tailed, like real LLM activations
+            norms.append(torch.randn(in_f, generator=g, device=device).mul_(1.5).exp_())
+    return weights, norms
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def child(args) -> None:
+    weights, norms = make_weights(args.shapes, args.blocks, device=args.device)
+    fn = SCORERS[args.score].fn
+
+    def score(i):
+        return fn(weights[i], norms[i])
+
+    n = sum(w.numel() for w in weights)
+    k = target_count(args.sparsity, n)
+    stream = lambda: ((str(i), score(i)) for i in range(len(weights)))  # noqa: E731
+    cuda = args.device.startswith("cuda")
+    times, peaks, passes, masks = [], [], 1, None
+    for rep in range(args.repeat):
+        if args.method == "global_unstructured":
+            modules, importance = _prunable_modules(weights, score, args.score)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            reset_peak()
+            base = rss_kib("VmRSS") * 1024
+        t0 = time.perf_counter()
+        if args.method == "global_unstructured":
+            from torch.nn.utils import prune
+
+            prune.global_unstructured([(m, "weight") for m in modules], prune.L1Unstructured, amount=k,
+                                      importance_scores=importance)
+        else:
+            sel = select(args.method, stream, k, n, search_max_iter=args.max_iter)
+            passes = sel.passes
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        peak = (torch.cuda.max_memory_allocated() if cuda else rss_kib("VmHWM") * 1024) - base
+        peaks.append(peak)
+        if rep == 0:
+            if args.method == "global_unstructured":
+                masks = [m.weight_mask == 0 for m in modules]
+            else:
+                budget = TieBudget(sel)
+                masks = [budget.mask(s) for _, s in stream()]
+            np.packbits(torch.cat([m.reshape(-1).cpu() for m in masks]).numpy()).tofile(args.mask_out)
+            masks = None
+        if args.method == "global_unstructured":
+            del modules, importance
+    print(json.dumps({"times": times, "peak_bytes": peaks[0], "passes": passes, "n": n, "k": k}))
+
+
+def _prunable_modules(weights, score, kind):
+    """Fresh modules over copies of the weights (global_unstructured rewrites them)."""
+    from torch import nn
+
+    modules = []
+    for w in weights:
+        m = nn.Module()
+        m.weight = nn.Parameter(w.clone(), requires_grad=False)
+        modules.append(m)
+    importance = None if kind == "magnitude" else {(m, "weight"): score(i) for i, m in enumerate(modules)}
+    return modules, importance
+
+
+def run_one(args, score: str, method: str, mask_path: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--score", score, "--method", method, "--mask-out", mask_path,
+           "--shapes", args.shapes, "--repeat", str(args.repeat), "--sparsity", str(args.sparsity),
+           "--max-iter", str(args.max_iter), "--device", args.device]
+    if args.blocks:
+        cmd += ["--blocks", str(args.blocks)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def agreement(a: str, b: str, n: int) -> float:
+    x, y = np.fromfile(a, dtype=np.uint8), np.fromfile(b, dtype=np.uint8)
+    diff = int(np.unpackbits(x ^ y)[:n].sum())
+    return 1.0 - diff / n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="smollm2-135m", choices=sorted(SHAPES))
+    p.add_argument("--blocks", type=int, default=None, help="use the first N blocks only")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--max-iter", type=int, default=20, help="search: counting passes at most")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--scores", default="magnitude,wanda")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--write", default=None, help="markdown file to update with the table")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--score", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--mask-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for score in args.scores.split(","):
+            results = {}
+            for method in args.methods.split(","):
+                path = os.path.join(tmp, f"{score}-{method}.bits")
+                results[method] = run_one(args, score, method, path) | {"mask": path}
+                print(f"{score:9s} {method:20s} median {statistics.median(results[method]['times']):.3f}s",
+                      file=sys.stderr)
+            ref = results.get("sort")
+            radix = statistics.median(results["radix"]["times"]) if "radix" in results else None
+            for method, r in results.items():
+                med = statistics.median(r["times"])
+                rows.append({
+                    "score": score, "method": method, "median_s": med, "peak_extra_mib": r["peak_bytes"] / 2**20,
+                    "passes": r["passes"], "n": r["n"],
+                    "agreement": agreement(ref["mask"], r["mask"], r["n"]) if ref else None,
+                    "x_radix": med / radix if radix else None,
+                })
+    table = render(rows)
+    print(table)
+    if args.write:
+        write_section(Path(args.write), args, rows[0]["n"], table)
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| score | method | median s | peak extra MiB | passes | agreement with sort | time / radix |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        agree = f"{100 * r['agreement']:.4f}%" if r["agreement"] is not None else "-"
+        ratio = f"{r['x_radix']:.1f}x" if r["x_radix"] is not None else "-"
+        lines.append(f"| {r['score']} | {r['method']} | {r['median_s']:.3f} | {r['peak_extra_mib']:.0f} | "
+                     f"{r['passes']} | {agree} | {ratio} |")
+    return "\n".join(lines)
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def write_section(path: Path, args, n: int, table: str) -> None:
+    """Replace (or append) this configuration's section of the benchmarks file."""
+    key = f"bench_select {args.shapes} blocks={args.blocks} device={args.device}"
+    command = "python " + " ".join([sys.argv[0], *[a for a in sys.argv[1:]]])
+    section = (f"<!-- {key} -->\n### Selection: {args.shapes} shapes"
+               f"{f', first {args.blocks} blocks' if args.blocks else ''}, {n / 1e6:.0f}M bf16 weights, "
+               f"sparsity {args.sparsity}, {args.device}\n\n"
+               f"{date.today().isoformat()}, {machine(args.device)}, median of {args.repeat}.\n\n"
+               f"`{command}`\n\n{table}\n<!-- end {key} -->\n")
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- end {re.escape(key)} -->\n", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
