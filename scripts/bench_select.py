@@ -71,7 +71,7 @@ def child(args) -> None:
 
     n = sum(w.numel() for w in weights)
     k = target_count(args.sparsity, n)
-    stream = lambda: ((str(i), score(i)) for i in range(len(weights)))  # noqa: E731
+    stream = lambda: ((str(i), score(i)) for i in range(len(weights)))
     cuda = args.device.startswith("cuda")
     times, peaks, passes, masks = [], [], 1, None
     for rep in range(args.repeat):
@@ -130,7 +130,10 @@ def run_one(args, score: str, method: str, mask_path: str) -> dict:
            "--max-iter", str(args.max_iter), "--device", args.device]
     if args.blocks:
         cmd += ["--blocks", str(args.blocks)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:  # killed by the kernel's OOM killer (-9), or a real error
+        why = "killed: out of memory" if out.returncode == -9 else out.stderr.strip().splitlines()[-1]
+        return {"failed": why}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -166,11 +169,15 @@ def main() -> None:
             for method in args.methods.split(","):
                 path = os.path.join(tmp, f"{score}-{method}.bits")
                 results[method] = run_one(args, score, method, path) | {"mask": path}
-                print(f"{score:9s} {method:20s} median {statistics.median(results[method]['times']):.3f}s",
+                print(f"{score:9s} {method:20s} {results[method].get('failed') or results[method]['times']}",
                       file=sys.stderr)
-            ref = results.get("sort")
-            radix = statistics.median(results["radix"]["times"]) if "radix" in results else None
+            ok = {m: r for m, r in results.items() if "failed" not in r}
+            ref = ok.get("sort")
+            radix = statistics.median(ok["radix"]["times"]) if "radix" in ok else None
             for method, r in results.items():
+                if "failed" in r:
+                    rows.append({"score": score, "method": method, "failed": r["failed"]})
+                    continue
                 med = statistics.median(r["times"])
                 rows.append({
                     "score": score, "method": method, "median_s": med, "peak_extra_mib": r["peak_bytes"] / 2**20,
@@ -181,13 +188,16 @@ def main() -> None:
     table = render(rows)
     print(table)
     if args.write:
-        write_section(Path(args.write), args, rows[0]["n"], table)
+        write_section(Path(args.write), args, next(r["n"] for r in rows if "n" in r), table)
 
 
 def render(rows: list[dict]) -> str:
     lines = ["| score | method | median s | peak extra MiB | passes | agreement with sort | time / radix |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['score']} | {r['method']} | {r['failed']} | | | | |")
+            continue
         agree = f"{100 * r['agreement']:.4f}%" if r["agreement"] is not None else "-"
         ratio = f"{r['x_radix']:.1f}x" if r["x_radix"] is not None else "-"
         lines.append(f"| {r['score']} | {r['method']} | {r['median_s']:.3f} | {r['peak_extra_mib']:.0f} | "
