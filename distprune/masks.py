@@ -39,7 +39,7 @@ class GroupsResult:
 def _apply(layer: PrunableLayer, mask: torch.Tensor) -> LayerResult:
     w = layer.weight
     w.masked_fill_(mask, 0.0)  # +0.0, never -0.0
-    return LayerResult(layer.name, layer.numel, int(mask.sum()), int((w == 0).sum()))
+    return LayerResult(layer.name, layer.numel, int(torch.count_nonzero(mask)), int(torch.count_nonzero(w == 0)))
 
 
 def _bar(layers: list[PrunableLayer], desc: str, show: bool) -> Iterator[PrunableLayer]:

@@ -154,7 +154,7 @@ def select_sort(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE) -> Sel
     if not bool(torch.isfinite(cat).all()):
         _raise_nonfinite(stream)
     t = torch.topk(cat, k, largest=False, sorted=False).values.max()
-    below = int((cat < t).sum())
+    below = int(torch.count_nonzero(cat < t))
     return Selection(k, n, t.cpu(), k - below, 1, "sort")
 
 
@@ -192,7 +192,7 @@ def select_search(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
         count = torch.zeros(1, dtype=torch.int64)
         tt = torch.tensor(t, dtype=dtype)
         for _, s in stream():
-            count += (s <= tt).sum().cpu()
+            count += torch.count_nonzero(s <= tt).cpu()
         comm.all_reduce_sum(count)
         passes += 1
         c = int(count)
@@ -235,7 +235,7 @@ class TieBudget:
         mask = scores < t
         if self.remaining > 0:
             eq = scores == t
-            ties = int(eq.sum())
+            ties = int(torch.count_nonzero(eq))
             if ties <= self.remaining:
                 mask |= eq
                 self.remaining -= ties
