@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from distprune import stats
 from distprune.config import ConfigError, PruneConfig
 from distprune.dist import SINGLE, Comm
 from distprune.masks import GroupsResult, prune_groups
@@ -18,6 +22,9 @@ from distprune.scores import SCORERS
 class PruneResult:
     config: PruneConfig
     groups: GroupsResult
+    mode: str | None = None  # oneshot / sequential statistics; None without calibration
+    stats_cache: str | None = None  # hit, miss or off
+    stats_seconds: float = 0.0  # calibration forward passes (and cache I/O)
 
     @property
     def numel(self) -> int:
@@ -45,6 +52,8 @@ class PruneResult:
             "pruned_weights": self.pruned,
             "threshold": float(sel.threshold) if sel is not None and sel.threshold is not None else None,
             "selector_passes": self.groups.passes,
+            "mode": self.mode,
+            "stats_cache": self.stats_cache,
             "layers": [asdict(r) for r in self.groups.layers],
         }
 
@@ -75,3 +84,45 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None,
     groups = prune_groups(layers, score, cfg.scope, cfg.sparsity, cfg.selector, comm, show_progress,
                           search_tol=cfg.search_tol, search_max_iter=cfg.search_max_iter)
     return PruneResult(cfg, groups)
+
+
+def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable[[], torch.Tensor], device,
+                        layers: list[PrunableLayer] | None = None, batch_size: int = 8,
+                        cache_file: Path | None = None, cache_fields: dict | None = None,
+                        comm: Comm = SINGLE, show_progress: bool = True) -> PruneResult:
+    """Collect activation statistics over the calibration windows (``windows()`` returns
+    them, (samples, seqlen); not called on a cache hit) block by block on ``device``, and
+    prune ``model`` in place with them.
+
+    oneshot: statistics of the dense model (read from / written to ``cache_file`` when
+    given), then one pruning pass over all layers. sequential: block i is pruned as soon
+    as its statistics are complete, before its outputs feed block i+1.
+    """
+    config.check()
+    layers = layers if layers is not None else prunable_layers(model, config.include, config.exclude)
+    mode = config.resolved_mode
+    t0 = time.perf_counter()
+    if mode == "sequential":
+        groups = GroupsResult([])
+
+        def prune_block(_i: int, block_layers: list[PrunableLayer], st: dict) -> None:
+            part = prune(model, config, norms=stats.norms({lay.name: st[lay.name] for lay in block_layers}),
+                         comm=comm, layers=block_layers, show_progress=False)
+            groups.extend(part.groups)
+
+        stats.collect(model, layers, windows(), device, "sequential", prune_block, batch_size, show_progress)
+        elapsed = time.perf_counter() - t0 - sum(groups.seconds.values())
+        return PruneResult(config, groups, mode, "off", elapsed)
+
+    names = [layer.name for layer in layers]
+    cached = stats.load(cache_file, names) if cache_file is not None else None
+    found = cached
+    if found is None:
+        found = stats.collect(model, layers, windows(), device, "oneshot", batch_size=batch_size, show=show_progress)
+        if cache_file is not None:
+            stats.save(cache_file, found, cache_fields or {})
+    hit = "off" if cache_file is None else ("hit" if cached is not None else "miss")
+    elapsed = time.perf_counter() - t0
+    model.to(device)
+    result = prune(model, config, norms=stats.norms(found), comm=comm, layers=layers, show_progress=show_progress)
+    return PruneResult(config, result.groups, mode, hit, elapsed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -12,10 +13,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distprune import checkpoint, models
-from distprune.api import prune
+from distprune import checkpoint, data, models, stats
+from distprune.api import PruneResult, calibrate_and_prune, prune
 from distprune.config import Config, ConfigError, register_configs
 from distprune.dist import SINGLE
+from distprune.evaluate import perplexity
+from distprune.scores import SCORERS
 from distprune.select import NonFiniteScoreError
 
 log = logging.getLogger("distprune")
@@ -34,6 +37,50 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def calibration_source_fields(cfg: Config) -> dict:
+    """Calibration settings for the statistics cache key; a local text file adds its size
+    and mtime, so an edited file invalidates."""
+    c = cfg.calib
+    fields = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed}
+    p = Path(c.source).expanduser()
+    if p.exists():
+        files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
+        fields["files"] = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return fields
+
+
+def evaluate_ppl(cfg: Config, loaded: models.LoadedModel, device: str) -> float:
+    windows = data.sequential_windows(data.tokenize(loaded.tokenizer, data.read_text(cfg.eval.source, "eval.source",
+                                                                                       "eval")),
+                                      cfg.eval.seqlen, cfg.eval.max_windows, f"eval.source={cfg.eval.source!r}")
+    loaded.model.to(device)
+    return perplexity(loaded.model, windows, cfg.eval.batch_size)
+
+
+def prune_model(cfg: Config, loaded: models.LoadedModel, layers, device: str) -> PruneResult:
+    """Prune in place: magnitude directly, wanda after block-wise calibration."""
+    if not SCORERS[cfg.prune.method].needs_stats:
+        loaded.model.to(device)
+        return prune(loaded.model, cfg.prune, layers=layers)
+
+    def windows():
+        if cfg.calib.source == "self":
+            loaded.model.to(device)
+        w = data.calibration_windows(cfg.calib.source, loaded.model, loaded.tokenizer, cfg.calib.nsamples,
+                                     cfg.calib.seqlen, cfg.calib.seed)
+        loaded.model.to("cpu")  # block-wise onloading: only the current block goes to the device
+        return w
+
+    cache_file, fields = None, None
+    if cfg.calib.cache and cfg.prune.resolved_mode == "oneshot":
+        fields = {"model": models.fingerprint(cfg.model), "calib": calibration_source_fields(cfg),
+                  "layers": [layer.name for layer in layers]}
+        cache_file = models.cache_dir() / "stats" / f"{stats.cache_key(fields)}.safetensors"
+    loaded.model.to("cpu")
+    return calibrate_and_prune(loaded.model, cfg.prune, windows, device, layers, cfg.calib.batch_size,
+                               cache_file, fields)
+
+
 def run(cfg: Config) -> dict:
     """Run one pruning job; returns the report. Raises ConfigError on bad input."""
     cfg.check()
@@ -43,12 +90,21 @@ def run(cfg: Config) -> dict:
     seconds: dict[str, float] = {}
 
     with phase(seconds, "load"):
-        loaded = models.load(cfg.model, device)
+        loaded = models.load(cfg.model, "cpu")
         layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude)
-    log.info("load: %s from %s on %s in %.1fs", models.describe(loaded.model, layers), loaded.source,
-             device, seconds["load"])
+    log.info("load: %s from %s in %.1fs", models.describe(loaded.model, layers), loaded.source, seconds["load"])
 
-    result = prune(loaded.model, cfg.prune, layers=layers)
+    ppl = {}
+    if cfg.eval.source:
+        with phase(seconds, "eval_dense"):
+            ppl["dense"] = evaluate_ppl(cfg, loaded, device)
+        log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source, seconds["eval_dense"])
+
+    result = prune_model(cfg, loaded, layers, device)
+    if result.mode:
+        seconds["statistics"] = round(result.stats_seconds, 4)
+        log.info("statistics: %s, %d x %d tokens from %s, cache %s, in %.1fs", result.mode, cfg.calib.nsamples,
+                 cfg.calib.seqlen, cfg.calib.source, result.stats_cache, seconds["statistics"])
     seconds.update({k: round(v, 4) for k, v in result.groups.seconds.items()})
     summary = result.summary()
     log.info("score+select: %s %s scope, selector %s, %d passes in %.2fs", cfg.prune.method, cfg.prune.scope,
@@ -56,12 +112,18 @@ def run(cfg: Config) -> dict:
     log.info("mask: pruned %d of %d weights (%.4f, target %.4f) in %.2fs", result.pruned, result.numel,
              summary["pruned_fraction"], cfg.prune.sparsity, seconds["mask"])
 
+    if cfg.eval.source:
+        with phase(seconds, "eval"):
+            ppl["pruned"] = evaluate_ppl(cfg, loaded, device)
+        log.info("eval: pruned perplexity %.3f (dense %.3f) in %.1fs", ppl["pruned"], ppl["dense"], seconds["eval"])
+
     report = {
         "model": loaded.source,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "device": device,
         "world_size": SINGLE.world_size,
         **summary,
+        "perplexity": ppl or None,
         "seconds": seconds,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }
@@ -87,5 +149,33 @@ def main(dcfg: DictConfig) -> None:
     try:
         run(OmegaConf.to_object(dcfg))
     except (ConfigError, NonFiniteScoreError) as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+def run_eval(cfg: Config) -> dict:
+    """Perplexity of the model that cfg names; no pruning."""
+    cfg.model.check()
+    cfg.eval.check()
+    if not cfg.eval.source:
+        raise ConfigError("eval.source is not set: pass eval=wikitext2-local or eval.source=FILE")
+    models.check_source(cfg.model)
+    t0 = time.perf_counter()
+    loaded = models.load(cfg.model, "cpu")
+    ppl = evaluate_ppl(cfg, loaded, resolve_device(cfg.device))
+    result = {"model": loaded.source, "eval_source": cfg.eval.source, "seqlen": cfg.eval.seqlen,
+              "max_windows": cfg.eval.max_windows, "perplexity": ppl, "seconds": round(time.perf_counter() - t0, 2)}
+    log.info("eval: perplexity %.3f of %s on %s", ppl, loaded.source, cfg.eval.source)
+    print(json.dumps(result))
+    return result
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def eval_main(dcfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        run_eval(OmegaConf.to_object(dcfg))
+    except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 METHODS = ("magnitude", "wanda")
 SCOPES = ("global", "layer", "row")
 SELECTORS = ("radix", "search", "sort")
+MODES = ("auto", "oneshot", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -40,19 +41,31 @@ class ModelConfig:
 
 @dataclass
 class PruneConfig:
-    method: str = "magnitude"
+    method: str = "wanda"
     scope: str = "row"
     sparsity: float = 0.5
     selector: str = "radix"
+    # where the statistics come from: oneshot (dense model) or sequential (block i pruned
+    # before block i+1 sees its outputs); auto: sequential for row/layer, oneshot for global
+    mode: str = "auto"
     include: list[str] = field(default_factory=list)  # fnmatch patterns of layer names
     exclude: list[str] = field(default_factory=list)
     search_tol: float = 1e-4  # search: stop when |count - k| <= tol * n
     search_max_iter: int = 20  # search: counting passes at most (the seed report's 20)
 
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "oneshot" if self.scope == "global" else "sequential"
+
     def check(self) -> None:
         _one_of("prune.method", self.method, METHODS)
         _one_of("prune.scope", self.scope, SCOPES)
         _one_of("prune.selector", self.selector, SELECTORS)
+        _one_of("prune.mode", self.mode, MODES)
+        if self.scope == "global" and self.mode == "sequential":
+            raise ConfigError("prune.mode=sequential needs a per-layer scope; global scope needs oneshot statistics")
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"prune.sparsity={self.sparsity} is outside [0, 1)")
         if self.search_tol < 0 or self.search_max_iter < 0:
@@ -60,9 +73,39 @@ class PruneConfig:
 
 
 @dataclass
+class CalibConfig:
+    source: str = "self"  # a text file or folder, a preset (wikitext2, c4), or self: sampled from the model
+    nsamples: int = 32
+    seqlen: int = 512  # never the model's max_position_embeddings: that is 8k-128k and blows memory
+    seed: int = 0
+    batch_size: int = 8
+    cache: bool = True  # reuse oneshot statistics from ~/.cache/distprune/stats
+
+    def check(self) -> None:
+        if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
+            raise ConfigError(f"calib.nsamples={self.nsamples}, calib.seqlen={self.seqlen} and "
+                              f"calib.batch_size={self.batch_size} must be >= 1, >= 2 and >= 1")
+
+
+@dataclass
+class EvalConfig:
+    source: str | None = None  # text file or folder, or a preset; None: no evaluation
+    seqlen: int = 512
+    max_windows: int | None = None  # None: every non-overlapping window of the text
+    batch_size: int = 4
+
+    def check(self) -> None:
+        if self.seqlen < 2 or self.batch_size < 1 or (self.max_windows is not None and self.max_windows < 1):
+            raise ConfigError(f"eval.seqlen={self.seqlen}, eval.batch_size={self.batch_size} and "
+                              f"eval.max_windows={self.max_windows} must be >= 2, >= 1 and >= 1")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/pruned"
     overwrite: bool = False  # replace a non-empty output_dir
     save: bool = True  # write the pruned checkpoint (the report is always written)
@@ -72,6 +115,8 @@ class Config:
     def check(self) -> None:
         self.model.check()
         self.prune.check()
+        self.calib.check()
+        self.eval.check()
 
 
 def register_configs() -> None:

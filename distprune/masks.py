@@ -7,15 +7,15 @@ holds one layer's scores at a time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from distprune.dist import SINGLE, Comm
 from distprune.models import PrunableLayer
-from distprune.select import Selection, TieBudget, check_finite, row_mask, select, target_count
+from distprune.progress import progress
+from distprune.select import ScoreStream, Selection, TieBudget, check_finite, row_mask, select, target_count
 
 ScoreFn = Callable[[PrunableLayer], torch.Tensor]  # layer -> (out, in) scores
 
@@ -35,15 +35,18 @@ class GroupsResult:
     passes: int = 0  # streaming passes over the scores, summed over groups
     seconds: dict[str, float] = field(default_factory=lambda: {"score+select": 0.0, "mask": 0.0})
 
+    def extend(self, other: GroupsResult) -> None:
+        """Add the results of more per-layer groups (sequential pruning, block by block)."""
+        self.layers += other.layers
+        self.passes += other.passes
+        for k, v in other.seconds.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + v
+
 
 def _apply(layer: PrunableLayer, mask: torch.Tensor) -> LayerResult:
     w = layer.weight
     w.masked_fill_(mask, 0.0)  # +0.0, never -0.0
     return LayerResult(layer.name, layer.numel, int(torch.count_nonzero(mask)), int(torch.count_nonzero(w == 0)))
-
-
-def _bar(layers: list[PrunableLayer], desc: str, show: bool) -> Iterator[PrunableLayer]:
-    return tqdm(layers, desc=desc, unit="layer", leave=False, disable=None if show else True)
 
 
 def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsity: float,
@@ -52,7 +55,7 @@ def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsi
     if scope == "global":
         return _prune_global(layers, score, sparsity, selector, comm, show, search)
     res = GroupsResult([])
-    for layer in _bar(layers, f"{scope} prune", show):
+    for layer in progress(layers, f"{scope} prune", "layer", show):
         t0 = time.perf_counter()
         s = score(layer)
         if scope == "row":
@@ -60,7 +63,7 @@ def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsi
             mask = row_mask(s, sparsity)
             res.passes += 1
         elif scope == "layer":
-            stream = lambda name=layer.name, s=s: [(name, s)]  # one layer: its scores fit
+            stream = ScoreStream([layer.name], lambda _i, s=s: s)  # one layer: its scores fit
             sel = select(selector, stream, target_count(sparsity, s.numel()), s.numel(), SINGLE, **search)
             mask = TieBudget(sel).mask(s)
             res.passes += sel.passes
@@ -78,14 +81,13 @@ def _prune_global(layers, score, sparsity, selector, comm, show, search) -> Grou
     comm.all_reduce_sum(n)
     n = int(n)
 
-    def stream():
-        for layer in _bar(layers, f"{selector} pass", show):
-            yield layer.name, score(layer)
-
+    workers = 1 if layers[0].weight.is_cuda else max(1, min(4, torch.get_num_threads()))
+    stream = ScoreStream([layer.name for layer in layers], lambda i: score(layers[i]), workers,
+                         lambda it, desc: progress(it, desc, "layer", show))
     t0 = time.perf_counter()
     sel = select(selector, stream, target_count(sparsity, n), n, comm, **search)
     t1 = time.perf_counter()
     budget = TieBudget(sel)
-    results = [_apply(layer, budget.mask(score(layer))) for layer in _bar(layers, "mask", show)]
+    results = [_apply(layer, budget.mask(score(layer))) for layer in progress(layers, "mask", "layer", show)]
     seconds = {"score+select": t1 - t0, "mask": time.perf_counter() - t1}
     return GroupsResult(results, sel, sel.passes, seconds)

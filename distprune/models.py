@@ -97,6 +97,19 @@ def input_dir(cfg: ModelConfig) -> Path | None:
     return (p.parent if p.is_file() else p) if p.exists() else None
 
 
+def fingerprint(cfg: ModelConfig) -> dict:
+    """What identifies the input model's weights, for cache keys: the random config and
+    seed, or the checkpoint's files (name, size, mtime) and config.json."""
+    if cfg.random is not None:
+        return {"random": dict(cfg.random), "seed": cfg.seed, "dtype": cfg.dtype}
+    local = input_dir(cfg)
+    if local is None:  # a hub id: its name is what we have
+        return {"hub": cfg.path, "dtype": cfg.dtype}
+    files = sorted(p for p in local.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json"))
+    return {"dir": str(local.resolve()), "dtype": cfg.dtype,
+            "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
 def _random(cfg: ModelConfig, dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -1,8 +1,10 @@
 """Threshold selection over a stream of non-negative score tensors.
 
-A comparison group is a stream: a callable that, each time it is called, yields
-``(layer_name, scores)`` pairs in a fixed order. Selectors never hold more than one
-layer's scores at a time (except ``sort``, the reference, which concatenates).
+A comparison group is a ``ScoreStream``: layers whose scores are recomputed on demand,
+in a fixed order. Selectors reduce each layer's scores to something small (a histogram,
+a count) with ``stream.map``, which on CPU overlaps a few layers in threads; they never
+hold more than those layers' scores at a time (except ``sort``, the reference, which
+concatenates).
 
 The selected set is defined exactly: the ``k`` smallest scores, ties at the k-th value
 broken by stream order (layer order, then flat index of the score tensor). A
@@ -16,15 +18,56 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import TypeVar
 
 import torch
 
 from distprune.dist import SINGLE, Comm
 
-ScoreStream = Callable[[], Iterable[tuple[str, torch.Tensor]]]
+T = TypeVar("T")
+
+
+class ScoreStream:
+    """The scores of a comparison group, layer by layer, in stream order.
+
+    ``score(i)`` computes layer i's (non-negative) scores. ``workers`` > 1 computes up to
+    that many layers at once in threads (torch ops release the GIL); results still come
+    back in order, so every reduction is the same as with one worker.
+    """
+
+    def __init__(self, names: list[str], score: Callable[[int], torch.Tensor], workers: int = 1,
+                 progress: Callable[[Iterable, str], Iterable] = lambda it, _desc: it):
+        self.names, self.score, self.workers, self.progress = names, score, workers, progress
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor], workers: int = 1) -> ScoreStream:
+        """A stream over precomputed score tensors (tests, one-layer groups)."""
+        return cls([f"layer{i}" for i in range(len(tensors))], tensors.__getitem__, workers)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for i in self.progress(range(len(self.names)), "scores"):
+            yield self.names[i], self.score(i)
+
+    def map(self, fn: Callable[[str, torch.Tensor], T], desc: str = "pass") -> Iterator[T]:
+        """fn(name, scores) for every layer, in order; a few layers in flight at a time."""
+        task = lambda i: fn(self.names[i], self.score(i))
+        indices = self.progress(range(len(self.names)), desc)
+        if self.workers <= 1:
+            yield from map(task, indices)
+            return
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: deque = deque()
+            for i in indices:
+                pending.append(pool.submit(task, i))
+                if len(pending) > 2 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
 SELECTORS = ("radix", "search", "sort")
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -62,7 +105,7 @@ def check_finite(name: str, scores: torch.Tensor) -> None:
 
 
 def _raise_nonfinite(stream: ScoreStream) -> None:
-    for name, s in stream():
+    for name, s in stream:
         check_finite(name, s)
     raise NonFiniteScoreError("non-finite importance scores on another rank")
 
@@ -102,9 +145,9 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def _score_dtype(stream: ScoreStream) -> torch.dtype:
-    for _, s in stream():
-        return s.dtype
-    raise ValueError("empty comparison group")
+    if not stream.names:
+        raise ValueError("empty comparison group")
+    return stream.score(0).dtype
 
 
 def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
@@ -121,9 +164,13 @@ def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
     dtype = dtype or _score_dtype(stream)
     half = dtype in HALF_DTYPES
     hist = torch.zeros(BINS, dtype=torch.int64)
-    for name, s in stream():
+
+    def high(name: str, s: torch.Tensor) -> torch.Tensor:
         v = _halves(s)
-        hist += _bincount(name, s, v if half else v[1::2])
+        return _bincount(name, s, v if half else v[1::2])
+
+    for h in stream.map(high, "radix pass 1"):
+        hist += h
     comm.all_reduce_sum(hist)
     limit = _NONFINITE_FROM[dtype] >> (0 if half else 16)
     if int(hist[limit:].sum()) > 0:
@@ -133,10 +180,14 @@ def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
         return Selection(k, n, _from_bits(hi, dtype), k - below, 1, "radix")
 
     hist2 = torch.zeros(BINS, dtype=torch.int64)
-    for _, s in stream():
+
+    def low(_name: str, s: torch.Tensor) -> torch.Tensor:
         v = _halves(s)
-        low = v[0::2][v[1::2] == hi]  # low halves of the scores in bucket hi: a small set
-        hist2 += torch.bincount(low.to(torch.int32) & 0xFFFF, minlength=BINS).cpu()
+        inside = v[0::2][v[1::2] == hi]  # low halves of the scores in bucket hi: a small set
+        return torch.bincount(inside.to(torch.int32) & 0xFFFF, minlength=BINS).cpu()
+
+    for h in stream.map(low, "radix pass 2"):
+        hist2 += h
     comm.all_reduce_sum(hist2)
     lo, below2 = _locate(hist2, k - below)
     return Selection(k, n, _from_bits((hi << 16) | lo, dtype), k - below - below2, 2, "radix")
@@ -150,7 +201,7 @@ def select_sort(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE) -> Sel
     """
     if k == 0:
         return Selection(k, n, None, 0, 0, "sort")
-    cat = comm.all_gather_cat(torch.cat([s.reshape(-1) for _, s in stream()]))
+    cat = comm.all_gather_cat(torch.cat(list(stream.map(lambda _n, s: s.reshape(-1), "sort gather"))))
     if not bool(torch.isfinite(cat).all()):
         _raise_nonfinite(stream)
     t = torch.topk(cat, k, largest=False, sorted=False).values.max()
@@ -169,14 +220,17 @@ def select_search(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
     """
     if k == 0:
         return Selection(k, n, None, 0, 0, "search")
+    dtype = _score_dtype(stream)
     sums = torch.zeros(2, dtype=torch.float64)  # sum, sum of squares
     top = torch.zeros(1, dtype=torch.float64)
-    dtype = None
-    for _, s in stream():
-        sums[0] += s.sum(dtype=torch.float64).cpu()
-        sums[1] += torch.linalg.vector_norm(s, dtype=torch.float64).square().cpu()
-        top = torch.maximum(top, s.max().double().cpu())
-        dtype = s.dtype
+
+    def moments(_name: str, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sq = torch.linalg.vector_norm(s, dtype=torch.float64).square()
+        return torch.stack([s.sum(dtype=torch.float64), sq]).cpu(), s.max().double().cpu()
+
+    for part, m in stream.map(moments, "search moments"):
+        sums += part
+        top = torch.maximum(top, m)
     comm.all_reduce_sum(sums)
     comm.all_reduce_max(top)
     if not bool(torch.isfinite(sums).all() and torch.isfinite(top).all()):
@@ -189,10 +243,10 @@ def select_search(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
     t = min(max(mean + NormalDist().inv_cdf(q) * std, lo), hi)
     passes = 1
     for _ in range(max_iter):
-        count = torch.zeros(1, dtype=torch.int64)
         tt = torch.tensor(t, dtype=dtype)
-        for _, s in stream():
-            count += torch.count_nonzero(s <= tt).cpu()
+        count = torch.zeros(1, dtype=torch.int64)
+        for c in stream.map(lambda _n, s, tt=tt: torch.count_nonzero(s <= tt.to(s.device)).cpu(), "search count"):
+            count += c
         comm.all_reduce_sum(count)
         passes += 1
         c = int(count)

@@ -1,21 +1,74 @@
 """Tiny random-weight models built from transformers configs: no download, a second each."""
 
+import os
+from pathlib import Path
+
 import pytest
 
-from distprune.config import Config, ModelConfig, PruneConfig
+from distprune.config import CalibConfig, Config, ModelConfig, PruneConfig
 
 TINY = {
     "llama": dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=160,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256),
-    "gpt2": dict(model_type="gpt2", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    "mistral": dict(model_type="mistral", vocab_size=256, hidden_size=64, intermediate_size=160,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=256, sliding_window=None),
+    "qwen2": dict(model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=160,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256),
+    "gpt_neox": dict(model_type="gpt_neox", vocab_size=256, hidden_size=64, intermediate_size=160,
+                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256),
+    "gpt_neo": dict(model_type="gpt_neo", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                    attention_types=[[["global", "local"], 1]], window_size=16, max_position_embeddings=256,
+                    bos_token_id=0, eos_token_id=0),
+    "opt": dict(model_type="opt", vocab_size=256, hidden_size=64, ffn_dim=160, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
+    "gpt2": dict(model_type="gpt2", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                 bos_token_id=0, eos_token_id=0),
 }
+DATA = Path(os.environ.get("DISTPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+WIKI_VALID = DATA / "wikitext-2" / "valid.txt"
+WIKI_TEST = DATA / "wikitext-2" / "test.txt"
+needs_wikitext = pytest.mark.skipif(not WIKI_VALID.is_file(), reason=f"WikiText-2 not found under {DATA}")
+
+
+def word_tokenizer(text: str, vocab_size: int = 256):
+    """A word-level tokenizer over the most frequent words of text: a real tokenizer that
+    fits the tiny models' vocabulary."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w, _ in Counter(text.split()).most_common(vocab_size - 2)]
+    vocab = {"<s>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A tiny random Llama saved with a word-level tokenizer: a model directory that text
+    sources and evaluation can use."""
+    from distprune.models import load
+
+    def make(arch: str = "llama", text: str = "the cat sat on the mat . " * 50) -> Path:
+        directory = tmp_path / f"ckpt-{arch}"
+        load(ModelConfig(random=dict(TINY[arch]))).model.save_pretrained(directory)
+        word_tokenizer(text).save_pretrained(directory)
+        return directory
+
+    return make
 
 
 def tiny_config(tmp_path, arch: str = "llama", output: str = "out", **prune) -> Config:
+    prune.setdefault("method", "magnitude")
     return Config(
         model=ModelConfig(name=f"tiny-{arch}", random=dict(TINY[arch]), seed=0),
         prune=PruneConfig(**prune),
+        calib=CalibConfig(nsamples=4, seqlen=16),
         output_dir=str(tmp_path / output),
         device="cpu",
     )

@@ -120,7 +120,7 @@ def test_wanda_api_matches_brute_force(tiny):
 def test_wanda_without_norms_is_an_error(tiny):
     model = load(tiny().model).model
     with pytest.raises(ValueError, match="needs activation norms"):
-        prune(model, PruneConfig(method="wanda"))
+        prune(model, PruneConfig())  # wanda is the default method
 
 
 def test_include_exclude(tiny):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from distprune.select import (
     NonFiniteScoreError,
+    ScoreStream,
     TieBudget,
     row_mask,
     select,
@@ -28,8 +29,8 @@ def reference_masks(layers: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return out
 
 
-def masks_of(selector: str, layers: list[torch.Tensor], k: int) -> tuple[list[torch.Tensor], int]:
-    stream = lambda: ((f"layer{i}", s) for i, s in enumerate(layers))
+def masks_of(selector: str, layers: list[torch.Tensor], k: int, workers: int = 1):
+    stream = ScoreStream.of(layers, workers)
     n = sum(s.numel() for s in layers)
     sel = select(selector, stream, k, n)
     budget = TieBudget(sel)
@@ -76,10 +77,10 @@ def test_radix_and_sort_match_reference(kind, dtype, shapes, frac, seed):
     n = sum(s.numel() for s in layers)
     k = min(int(frac * (n + 1)), n)  # every k in [0, n]
     ref = reference_masks(layers, k)
-    for selector in ("radix", "sort"):
-        got, _ = masks_of(selector, layers, k)
+    for selector, workers in (("radix", 1), ("radix", 3), ("sort", 2)):
+        got, _ = masks_of(selector, layers, k, workers)
         for r, m in zip(ref, got, strict=True):
-            assert torch.equal(r, m), (selector, kind, dtype, k)
+            assert torch.equal(r, m), (selector, workers, kind, dtype, k)
     assert sum(int(m.sum()) for m in got) == k
 
 
@@ -107,8 +108,7 @@ def test_search_is_close_and_converges(kind):
     layers = make_scores(kind, [(200, 300)] * 4, torch.float32, 1)
     n = sum(s.numel() for s in layers)
     k = target_count(0.5, n)
-    stream = lambda: (("l", s) for s in layers)
-    sel = select_search(stream, k, n, tol=1e-3, max_iter=60)
+    sel = select_search(ScoreStream.of(layers, workers=2), k, n, tol=1e-3, max_iter=60)
     pruned = sum(int((s <= sel.threshold).sum()) for s in layers)
     assert abs(pruned - k) <= 1e-3 * n
     assert not sel.exact

@@ -1,0 +1,110 @@
+"""Token windows for calibration and evaluation: from text files or folders, Hugging Face
+datasets (named presets, when the hub is reachable), or text sampled from the model itself."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distprune.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# name -> (dataset, config, split for calibration, split for evaluation, text field)
+PRESETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
+    "c4": ("allenai/c4", "en", "train", "validation", "text"),
+}
+C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+
+
+def read_text(source: str, key: str, split: str = "calib") -> str:
+    """All text of a file, a folder of .txt files (sorted), or a preset dataset split."""
+    if source in PRESETS:
+        return _preset_text(source, key, split)
+    p = Path(source).expanduser()
+    if p.is_dir():
+        files = sorted(p.rglob("*.txt"))
+        if not files:
+            raise ConfigError(f"{key}={source!r} is a folder without .txt files")
+        text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    elif p.is_file():
+        text = p.read_text(encoding="utf-8", errors="replace")
+    else:
+        raise ConfigError(f"{key}={source!r} is neither a file, a folder, a preset ({', '.join(PRESETS)}) nor self")
+    if not text.strip():
+        raise ConfigError(f"{key}={source!r} holds no text")
+    return text
+
+
+def _preset_text(name: str, key: str, split: str) -> str:
+    dataset, config, calib_split, eval_split, field = PRESETS[name]
+    split = calib_split if split == "calib" else eval_split
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"{key}={name} needs the datasets package (pip install datasets) and the hub") from None
+    try:
+        if name == "c4":  # one shard, as the Wanda and SparseGPT code do
+            ds = datasets.load_dataset(dataset, data_files={split: C4_FILES[split]}, split=split)
+        else:
+            ds = datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:  # network, hub or cache errors all mean: not reachable here
+        raise ConfigError(f"{key}={name}: dataset {dataset} is not reachable ({type(e).__name__})") from e
+    return "\n\n".join(ds[field][:20000] if name == "c4" else ds[field])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of token ids."""
+    if tokenizer is None:
+        raise ConfigError("a text source needs a tokenizer; this model has none (use calib.source=self)")
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, key: str) -> torch.Tensor:
+    """nsamples windows of seqlen tokens at random offsets, reproducible from seed: (nsamples, seqlen)."""
+    if tokens.numel() < nsamples * seqlen:
+        raise ConfigError(f"{key} has {tokens.numel()} tokens, too few for {nsamples} windows of {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen + 1, (nsamples,), generator=g)
+    return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+
+
+def sequential_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None, key: str) -> torch.Tensor:
+    """Non-overlapping windows from the start of the text: (windows, seqlen)."""
+    count = tokens.numel() // seqlen
+    if count == 0:
+        raise ConfigError(f"{key} has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows:
+        count = min(count, max_windows)
+    return tokens[: count * seqlen].view(count, seqlen)
+
+
+@torch.no_grad()
+def self_windows(model: nn.Module, nsamples: int, seqlen: int, seed: int, batch_size: int = 16) -> torch.Tensor:
+    """Text sampled from the model itself (no data needed): (nsamples, seqlen), starting at BOS."""
+    device = next(model.parameters()).device
+    bos = model.config.bos_token_id
+    bos = bos if isinstance(bos, int) else 0
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, nsamples, batch_size):
+            b = min(batch_size, nsamples - start)
+            prompt = torch.full((b, 1), bos, dtype=torch.long, device=device)
+            ids = model.generate(prompt, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                 max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                                 pad_token_id=bos, eos_token_id=None)
+            out.append(ids.cpu())
+    return torch.cat(out)
+
+
+def calibration_windows(source: str, model: nn.Module, tokenizer, nsamples: int, seqlen: int,
+                        seed: int) -> torch.Tensor:
+    if source == "self":
+        return self_windows(model, nsamples, seqlen, seed)
+    tokens = tokenize(tokenizer, read_text(source, "calib.source", "calib"))
+    return random_windows(tokens, nsamples, seqlen, seed, f"calib.source={source!r}")

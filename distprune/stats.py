@@ -1,0 +1,168 @@
+"""Calibration statistics by block-wise onloading, and their on-disk cache.
+
+The calibration batch runs through the decoder one block at a time: only the current
+block is on the compute device, with its inputs for all samples; forward hooks on its
+prunable layers accumulate, per input channel, the float64 sum of squares and sum of the
+layer's inputs, and the token count. Its outputs become the next block's inputs.
+
+``oneshot``: every statistic comes from the dense model. ``sequential`` (the Wanda paper):
+after block i's statistics are complete, ``on_block`` prunes block i, and block i's outputs
+are recomputed with its pruned weights before they feed block i+1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from distprune.models import PrunableLayer, decoder_blocks
+from distprune.progress import progress
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when the statistics change meaning
+
+
+@dataclass
+class LayerStats:
+    sumsq: torch.Tensor  # (in,) float64: sum over tokens of x_j^2
+    sum: torch.Tensor  # (in,) float64: sum over tokens of x_j
+    count: int  # tokens seen
+
+    def norm(self) -> torch.Tensor:
+        """Wanda's per-input-channel activation norm, sqrt(sumsq / count), float64."""
+        return (self.sumsq / max(self.count, 1)).sqrt()
+
+    def add_(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, in)
+        self.sumsq += (x * x).sum(0).to(self.sumsq.device)
+        self.sum += x.sum(0).to(self.sum.device)
+        self.count += x.shape[0]
+
+
+class _Stop(Exception):
+    """Raised by the block-0 pre-hook once its inputs are captured."""
+
+
+def _to(obj: Any, device) -> Any:
+    """Move the tensors inside (nested) tuples, lists and dicts to device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, device) -> list[tuple]:
+    """Run the model up to its first decoder block for each batch of windows, and keep
+    what that block receives: [(hidden_states, kwargs)] on device. The kwargs (attention
+    mask, rotary position embeddings, position ids) are what every block receives."""
+    block0 = decoder_blocks(model)[0]
+    captured = []
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past")}
+        captured.append((_to(hidden, device), _to(kwargs, device)))
+        raise _Stop
+
+    handle = block0.register_forward_pre_hook(grab, with_kwargs=True)
+    model_device = next(model.parameters()).device
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            try:
+                model(input_ids=windows[start:start + batch_size].to(model_device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
+    outputs = []
+    for hidden, kwargs in inputs:
+        out = block(hidden, **kwargs)
+        outputs.append((out[0] if isinstance(out, (tuple, list)) else out, kwargs))
+    return outputs
+
+
+@torch.no_grad()
+def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor, device,
+            mode: str = "oneshot", on_block: Callable[[int, list[PrunableLayer], dict], None] | None = None,
+            batch_size: int = 8, show: bool = True) -> dict[str, LayerStats]:
+    """Per-layer input statistics of ``layers`` over ``windows`` (samples, seqlen), one
+    decoder block on ``device`` at a time. In sequential mode ``on_block(i, block_layers,
+    stats)`` prunes block i before its outputs are recomputed."""
+    if mode not in ("oneshot", "sequential"):
+        raise ValueError(f"unknown calibration mode {mode!r}")
+    blocks = decoder_blocks(model)
+    by_block: dict[int, list[PrunableLayer]] = {}
+    for layer in layers:
+        by_block.setdefault(layer.block, []).append(layer)
+    stats = {layer.name: LayerStats(torch.zeros(layer.weight.shape[1], dtype=torch.float64),
+                                    torch.zeros(layer.weight.shape[1], dtype=torch.float64), 0)
+             for layer in layers}
+    inputs = capture_block_inputs(model, windows, batch_size, device)
+    last = max(by_block, default=-1)  # blocks after the last one with layers need no forward
+    for i, block in enumerate(progress(blocks, "calibrate", "block", show)):
+        if i > last:
+            break
+        home = next(block.parameters()).device
+        block.to(device)
+        handles = [layer.module.register_forward_hook(
+            lambda _m, args, _out, st=stats[layer.name]: st.add_(args[0])) for layer in by_block.get(i, [])]
+        try:
+            outputs = _run_block(block, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        if mode == "sequential" and by_block.get(i):
+            on_block(i, by_block[i], stats)
+            outputs = _run_block(block, inputs)  # block i's outputs with its pruned weights
+        block.to(home)
+        inputs = outputs
+    return stats
+
+
+def norms(stats: dict[str, LayerStats]) -> dict[str, torch.Tensor]:
+    return {name: st.norm() for name, st in stats.items()}
+
+
+def cache_key(fields: dict) -> str:
+    blob = json.dumps({"version": CACHE_VERSION, **fields}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def save(path: Path, stats: dict[str, LayerStats], fields: dict) -> None:
+    """Write statistics atomically (temp file + rename): safetensors, key fields as metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, st in stats.items():
+        tensors[f"{name}.sumsq"] = st.sumsq.cpu()
+        tensors[f"{name}.sum"] = st.sum.cpu()
+        tensors[f"{name}.count"] = torch.tensor([st.count], dtype=torch.int64)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"distprune": json.dumps(fields, sort_keys=True, default=str)})
+    tmp.rename(path)
+
+
+def load(path: Path, names: list[str]) -> dict[str, LayerStats] | None:
+    """Statistics of the named layers from a cache file, or None when it lacks any."""
+    if not path.is_file():
+        return None
+    t = load_file(path)
+    if any(f"{n}.sumsq" not in t for n in names):
+        return None
+    return {n: LayerStats(t[f"{n}.sumsq"], t[f"{n}.sum"], int(t[f"{n}.count"])) for n in names}

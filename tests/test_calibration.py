@@ -1,0 +1,251 @@
+"""Calibration statistics, oneshot vs sequential, the statistics cache, data sources, perplexity."""
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+from conftest import TINY, WIKI_TEST, WIKI_VALID, needs_wikitext, word_tokenizer
+
+from distprune import PruneConfig, prune, stats
+from distprune.api import calibrate_and_prune
+from distprune.cli import run
+from distprune.config import CalibConfig, ConfigError, EvalConfig, ModelConfig
+from distprune.data import calibration_windows, random_windows, read_text, self_windows, sequential_windows
+from distprune.evaluate import perplexity
+from distprune.models import load, prunable_layers
+
+
+def tiny_model(arch: str, seed: int = 0):
+    return load(ModelConfig(random=dict(TINY[arch]), seed=seed)).model
+
+
+def windows(n: int = 6, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def direct_stats(model, layers, ids) -> dict:
+    """Reference: one full-model forward with hooks on every layer."""
+    acc = {layer.name: [0.0, 0.0, 0] for layer in layers}
+
+    def hook(name):
+        def fn(_m, args, _out):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            a = acc[name]
+            a[0], a[1], a[2] = a[0] + (x * x).sum(0), a[1] + x.sum(0), a[2] + x.shape[0]
+        return fn
+
+    handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in layers]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return acc
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_blockwise_stats_equal_full_forward(arch):
+    model = tiny_model(arch)
+    layers = prunable_layers(model)
+    ids = windows()
+    got = stats.collect(model, layers, ids, "cpu", "oneshot", batch_size=4, show=False)
+    ref = direct_stats(model, layers, ids)
+    for layer in layers:
+        sumsq, total, count = ref[layer.name]
+        assert got[layer.name].count == count == ids.numel()
+        torch.testing.assert_close(got[layer.name].sumsq, sumsq, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(got[layer.name].sum, total, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[layer.name].norm(), (sumsq / count).sqrt(), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sequential_differs_from_oneshot_only_after_block0(arch):
+    cfg_seq = PruneConfig(method="wanda", scope="row", sparsity=0.5, mode="sequential")
+    cfg_one = PruneConfig(method="wanda", scope="row", sparsity=0.5, mode="oneshot")
+    seq, one = tiny_model(arch), tiny_model(arch)
+    captured = {}
+    original = stats.collect
+
+    def spy(model, layers, w, device, mode="oneshot", on_block=None, batch_size=8, show=True):
+        captured[mode] = original(model, layers, w, device, mode, on_block, batch_size, show)
+        return captured[mode]
+
+    stats.collect = spy
+    try:
+        calibrate_and_prune(seq, cfg_seq, windows, "cpu", show_progress=False)
+        calibrate_and_prune(one, cfg_one, windows, "cpu", show_progress=False)
+    finally:
+        stats.collect = original
+    for layer_s, layer_o in zip(prunable_layers(seq), prunable_layers(one), strict=True):
+        same_stats = torch.equal(captured["sequential"][layer_s.name].sumsq, captured["oneshot"][layer_o.name].sumsq)
+        same_weights = torch.equal(layer_s.weight, layer_o.weight)
+        if layer_s.block == 0:
+            assert same_stats and same_weights, layer_s.name
+        else:  # block 1 sees the outputs of a pruned block 0
+            assert not same_stats, layer_s.name
+    assert any(not torch.equal(a.weight, b.weight)
+               for a, b in zip(prunable_layers(seq), prunable_layers(one), strict=True) if a.block == 1)
+
+
+def test_wanda_uses_the_collected_norms():
+    """calibrate_and_prune(oneshot) == prune() with norms computed directly."""
+    a, b = tiny_model("llama"), tiny_model("llama")
+    cfg = PruneConfig(method="wanda", scope="layer", sparsity=0.4, mode="oneshot")
+    calibrate_and_prune(a, cfg, windows, "cpu", show_progress=False)
+    layers = prunable_layers(b)
+    ref = direct_stats(b, layers, windows())
+    prune(b, cfg, norms={n: (v[0] / v[2]).sqrt() for n, v in ref.items()}, show_progress=False)
+    for la, lb in zip(prunable_layers(a), layers, strict=True):
+        assert torch.equal(la.weight == 0, lb.weight == 0), la.name
+
+
+def tiny_job(tiny, tmp_path, monkeypatch, **prune):
+    monkeypatch.setenv("DISTPRUNE_CACHE", str(tmp_path / "cache"))
+    cfg = tiny(**prune)
+    cfg.calib = CalibConfig(source="self", nsamples=4, seqlen=16)
+    cfg.overwrite = True
+    return cfg
+
+
+def test_stats_cache_hit_and_invalidation(tiny, tmp_path, monkeypatch):
+    cfg = tiny_job(tiny, tmp_path, monkeypatch, method="wanda", scope="global", sparsity=0.5)
+    first = run(cfg)
+    assert first["mode"] == "oneshot" and first["stats_cache"] == "miss"
+    cfg.prune.sparsity = 0.3  # another sparsity level reuses the statistics
+    second = run(cfg)
+    assert second["stats_cache"] == "hit"
+    assert len(list((tmp_path / "cache" / "stats").glob("*.safetensors"))) == 1
+
+    cfg.calib.seed = 1  # other calibration windows
+    assert run(cfg)["stats_cache"] == "miss"
+    cfg.model.seed = 5  # other weights
+    assert run(cfg)["stats_cache"] == "miss"
+    cfg.calib.cache = False
+    assert run(cfg)["stats_cache"] == "off"
+    assert len(list((tmp_path / "cache" / "stats").glob("*.safetensors"))) == 3
+
+
+def test_cache_hit_gives_identical_pruning(tiny, tmp_path, monkeypatch):
+    cfg = tiny_job(tiny, tmp_path, monkeypatch, method="wanda", scope="global", sparsity=0.5)
+    a = run(cfg)
+    b = run(cfg)
+    assert (a["stats_cache"], b["stats_cache"]) == ("miss", "hit")
+    assert a["threshold"] == b["threshold"] and a["layers"] == b["layers"]
+
+
+def test_sequential_is_default_for_row_and_not_cached(tiny, tmp_path, monkeypatch):
+    cfg = tiny_job(tiny, tmp_path, monkeypatch, method="wanda", scope="row")
+    report = run(cfg)
+    assert report["mode"] == "sequential" and report["stats_cache"] == "off"
+    assert report["pruned_weights"] == sum(r["numel"] // 2 for r in report["layers"])
+    assert "statistics" in report["seconds"]
+
+
+def test_global_sequential_is_refused(tiny):
+    cfg = tiny(method="wanda", scope="global", mode="sequential")
+    with pytest.raises(ConfigError, match="global scope needs oneshot"):
+        run(cfg)
+
+
+# --- data sources ---------------------------------------------------------------------
+
+def test_text_file_folder_and_errors(tmp_path):
+    text = "alpha beta gamma delta " * 40
+    tok = word_tokenizer(text)
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "1.txt").write_text(text)
+    (tmp_path / "folder" / "2.txt").write_text(text)
+    (tmp_path / "empty.txt").write_text("  \n")
+
+    w = calibration_windows(str(tmp_path / "a.txt"), None, tok, nsamples=5, seqlen=8, seed=3)
+    assert w.shape == (5, 8)
+    assert torch.equal(w, calibration_windows(str(tmp_path / "a.txt"), None, tok, 5, 8, seed=3))
+    assert not torch.equal(w, calibration_windows(str(tmp_path / "a.txt"), None, tok, 5, 8, seed=4))
+    assert read_text(str(tmp_path / "folder"), "k").count("alpha") == 80
+
+    with pytest.raises(ConfigError, match="holds no text"):
+        read_text(str(tmp_path / "empty.txt"), "calib.source")
+    with pytest.raises(ConfigError, match="too few for 100 windows of 8"):
+        calibration_windows(str(tmp_path / "a.txt"), None, tok, nsamples=100, seqlen=8, seed=0)
+    with pytest.raises(ConfigError, match="neither a file"):
+        read_text(str(tmp_path / "missing.txt"), "calib.source")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ConfigError, match=r"without \.txt files"):
+        read_text(str(tmp_path / "nothing"), "k")
+
+
+def test_windows_shapes():
+    tokens = torch.arange(100)
+    assert random_windows(tokens, 3, 10, 0, "k").shape == (3, 10)
+    w = sequential_windows(tokens, 30, None, "k")
+    assert w.shape == (3, 30) and torch.equal(w[1], torch.arange(30, 60))
+    assert sequential_windows(tokens, 30, 2, "k").shape == (2, 30)
+    with pytest.raises(ConfigError, match="fewer than one window"):
+        sequential_windows(tokens, 101, None, "k")
+
+
+def test_self_source_is_reproducible():
+    model = tiny_model("llama")
+    a = self_windows(model, nsamples=3, seqlen=12, seed=7)
+    b = self_windows(model, nsamples=3, seqlen=12, seed=7)
+    assert a.shape == (3, 12) and torch.equal(a, b)
+    assert (a[:, 0] == model.config.bos_token_id).all()
+    assert not torch.equal(a, self_windows(model, nsamples=3, seqlen=12, seed=8))
+
+
+def test_preset_goes_through_datasets(monkeypatch):
+    calls = {}
+
+    def load_dataset(name, config=None, split=None, **kw):
+        calls["args"] = (name, config, split)
+        return {"text": ["first line", "second line"]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert read_text("wikitext2", "calib.source") == "first line\n\nsecond line"
+    assert calls["args"] == ("wikitext", "wikitext-2-raw-v1", "train")
+    read_text("wikitext2", "eval.source", "eval")
+    assert calls["args"][2] == "test"
+
+
+def test_preset_unreachable_is_a_clear_error(monkeypatch):
+    def load_dataset(*a, **kw):
+        raise ConnectionError("offline")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(ConfigError, match="not reachable"):
+        read_text("c4", "calib.source")
+
+
+def test_text_source_without_tokenizer_is_an_error():
+    with pytest.raises(ConfigError, match="needs a tokenizer"):
+        calibration_windows("README.md", tiny_model("llama"), None, 1, 4, 0)
+
+
+# --- perplexity -----------------------------------------------------------------------
+
+def test_perplexity_matches_hf_loss():
+    model = tiny_model("llama")
+    ids = windows(5, 12)
+    with torch.no_grad():
+        losses = [model(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss for i in range(5)]
+    expected = math.exp(sum(float(x) for x in losses) / 5)  # equal token counts per window
+    assert perplexity(model, ids, batch_size=2, show=False) == pytest.approx(expected, rel=1e-5)
+
+
+@needs_wikitext
+def test_wanda_end_to_end_on_wikitext_with_eval(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTPRUNE_CACHE", str(tmp_path / "cache"))
+    ckpt = tiny_checkpoint(text=WIKI_VALID.read_text()[:200000])
+    from distprune.config import Config
+
+    cfg = Config(model=ModelConfig(name="ckpt", path=str(ckpt)),
+                 prune=PruneConfig(method="wanda", scope="row", sparsity=0.5),
+                 calib=CalibConfig(source=str(WIKI_VALID), nsamples=4, seqlen=32),
+                 eval=EvalConfig(source=str(WIKI_TEST), seqlen=32, max_windows=8),
+                 output_dir=str(tmp_path / "out"), device="cpu")
+    report = run(cfg)
+    assert report["perplexity"]["dense"] > 1 and report["perplexity"]["pruned"] > 1
+    assert report["mode"] == "sequential"
+    assert set(report["seconds"]) >= {"load", "eval_dense", "statistics", "score+select", "mask", "eval", "save"}
