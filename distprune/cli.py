@@ -95,7 +95,7 @@ def run(cfg: Config) -> dict:
     log.info("load: %s from %s in %.1fs", models.describe(loaded.model, layers), loaded.source, seconds["load"])
 
     ppl = {}
-    if cfg.eval.source:
+    if cfg.eval.source and cfg.eval.dense:
         with phase(seconds, "eval_dense"):
             ppl["dense"] = evaluate_ppl(cfg, loaded, device)
         log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source, seconds["eval_dense"])
@@ -115,7 +115,8 @@ def run(cfg: Config) -> dict:
     if cfg.eval.source:
         with phase(seconds, "eval"):
             ppl["pruned"] = evaluate_ppl(cfg, loaded, device)
-        log.info("eval: pruned perplexity %.3f (dense %.3f) in %.1fs", ppl["pruned"], ppl["dense"], seconds["eval"])
+        log.info("eval: pruned perplexity %.3f (dense %s) in %.1fs", ppl["pruned"],
+                 f"{ppl['dense']:.3f}" if "dense" in ppl else "not evaluated", seconds["eval"])
 
     report = {
         "model": loaded.source,

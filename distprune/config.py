@@ -93,6 +93,7 @@ class EvalConfig:
     seqlen: int = 512
     max_windows: int | None = None  # None: every non-overlapping window of the text
     batch_size: int = 4
+    dense: bool = True  # also evaluate the model before pruning, for a side-by-side cost
 
     def check(self) -> None:
         if self.seqlen < 2 or self.batch_size < 1 or (self.max_windows is not None and self.max_windows < 1):

@@ -84,7 +84,7 @@ def sequential_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | Non
 
 
 @torch.no_grad()
-def self_windows(model: nn.Module, nsamples: int, seqlen: int, seed: int, batch_size: int = 16) -> torch.Tensor:
+def self_windows(model: nn.Module, nsamples: int, seqlen: int, seed: int, batch_size: int = 64) -> torch.Tensor:
     """Text sampled from the model itself (no data needed): (nsamples, seqlen), starting at BOS."""
     device = next(model.parameters()).device
     bos = model.config.bos_token_id
@@ -95,7 +95,8 @@ def self_windows(model: nn.Module, nsamples: int, seqlen: int, seed: int, batch_
         for start in range(0, nsamples, batch_size):
             b = min(batch_size, nsamples - start)
             prompt = torch.full((b, 1), bos, dtype=torch.long, device=device)
-            ids = model.generate(prompt, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
+                                 temperature=1.0,
                                  max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
                                  pad_token_id=bos, eos_token_id=None)
             out.append(ids.cpu())

@@ -1,6 +1,9 @@
 """Calibration statistics, oneshot vs sequential, the statistics cache, data sources, perplexity."""
 
+import json
 import math
+import os
+import subprocess
 import sys
 import types
 
@@ -249,3 +252,28 @@ def test_wanda_end_to_end_on_wikitext_with_eval(tiny_checkpoint, tmp_path, monke
     assert report["perplexity"]["dense"] > 1 and report["perplexity"]["pruned"] > 1
     assert report["mode"] == "sequential"
     assert set(report["seconds"]) >= {"load", "eval_dense", "statistics", "score+select", "mask", "eval", "save"}
+
+
+def test_sweep_computes_oneshot_statistics_once(tmp_path):
+    env = dict(os.environ, DISTPRUNE_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "distprune", "-m", "model=tiny-llama", "calib.nsamples=4",
+                        "calib.seqlen=32", "prune.scope=global", "prune.sparsity=0.3,0.5,0.7"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("cache miss") == 1 and p.stderr.count("cache hit") == 2
+    reports = sorted((tmp_path / "outputs").glob("*/distprune_report.json"))
+    assert [json.loads(r.read_text())["target_sparsity"] for r in reports] == [0.3, 0.5, 0.7]
+
+
+@needs_wikitext
+def test_eval_entry_on_any_checkpoint(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint(text=WIKI_VALID.read_text()[:100000])
+    p = subprocess.run([sys.executable, "-m", "distprune.eval", "model=hf", f"model.path={ckpt}",
+                        f"eval.source={WIKI_TEST}", "eval.seqlen=32", "eval.max_windows=4"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["perplexity"] > 1 and result["max_windows"] == 4
+    bad = subprocess.run([sys.executable, "-m", "distprune.eval", "model=hf", f"model.path={ckpt}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "eval.source is not set" in bad.stderr
