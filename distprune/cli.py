@@ -43,18 +43,22 @@ def calibration_source_fields(cfg: Config) -> dict:
     c = cfg.calib
     fields = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed}
     p = Path(c.source).expanduser()
-    if p.exists():
+    if p.exists():  # the same file named two ways is one key
+        fields["source"] = str(p.resolve())
         files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
         fields["files"] = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return fields
 
 
-def evaluate_ppl(cfg: Config, loaded: models.LoadedModel, device: str) -> float:
-    windows = data.sequential_windows(data.tokenize(loaded.tokenizer, data.read_text(cfg.eval.source, "eval.source",
-                                                                                       "eval")),
-                                      cfg.eval.seqlen, cfg.eval.max_windows, f"eval.source={cfg.eval.source!r}")
-    loaded.model.to(device)
-    return perplexity(loaded.model, windows, cfg.eval.batch_size)
+def eval_windows(cfg: Config, tokenizer) -> torch.Tensor:
+    text = data.read_text(cfg.eval.source, "eval.source", "eval")
+    return data.sequential_windows(data.tokenize(tokenizer, text), cfg.eval.seqlen, cfg.eval.max_windows,
+                                   f"eval.source={cfg.eval.source!r}")
+
+
+def evaluate_ppl(cfg: Config, model, windows: torch.Tensor, device: str) -> float:
+    model.to(device)
+    return perplexity(model, windows, cfg.eval.batch_size)
 
 
 def prune_model(cfg: Config, loaded: models.LoadedModel, layers, device: str) -> PruneResult:
@@ -85,6 +89,10 @@ def run(cfg: Config) -> dict:
     """Run one pruning job; returns the report. Raises ConfigError on bad input."""
     cfg.check()
     models.check_source(cfg.model)
+    if SCORERS[cfg.prune.method].needs_stats:
+        data.check_source(cfg.calib.source, "calib.source")
+    if cfg.eval.source:
+        data.check_source(cfg.eval.source, "eval.source")
     out = checkpoint.check_output(cfg.output_dir, cfg.overwrite, models.input_dir(cfg.model))
     device = resolve_device(cfg.device)
     seconds: dict[str, float] = {}
@@ -94,10 +102,12 @@ def run(cfg: Config) -> dict:
         layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude)
     log.info("load: %s from %s in %.1fs", models.describe(loaded.model, layers), loaded.source, seconds["load"])
 
-    ppl = {}
+    ppl, windows = {}, None
+    if cfg.eval.source:
+        windows = eval_windows(cfg, loaded.tokenizer)
     if cfg.eval.source and cfg.eval.dense:
         with phase(seconds, "eval_dense"):
-            ppl["dense"] = evaluate_ppl(cfg, loaded, device)
+            ppl["dense"] = evaluate_ppl(cfg, loaded.model, windows, device)
         log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source, seconds["eval_dense"])
 
     result = prune_model(cfg, loaded, layers, device)
@@ -114,7 +124,7 @@ def run(cfg: Config) -> dict:
 
     if cfg.eval.source:
         with phase(seconds, "eval"):
-            ppl["pruned"] = evaluate_ppl(cfg, loaded, device)
+            ppl["pruned"] = evaluate_ppl(cfg, loaded.model, windows, device)
         log.info("eval: pruned perplexity %.3f (dense %s) in %.1fs", ppl["pruned"],
                  f"{ppl['dense']:.3f}" if "dense" in ppl else "not evaluated", seconds["eval"])
 
@@ -161,9 +171,10 @@ def run_eval(cfg: Config) -> dict:
     if not cfg.eval.source:
         raise ConfigError("eval.source is not set: pass eval=wikitext2-local or eval.source=FILE")
     models.check_source(cfg.model)
+    data.check_source(cfg.eval.source, "eval.source")
     t0 = time.perf_counter()
     loaded = models.load(cfg.model, "cpu")
-    ppl = evaluate_ppl(cfg, loaded, resolve_device(cfg.device))
+    ppl = evaluate_ppl(cfg, loaded.model, eval_windows(cfg, loaded.tokenizer), resolve_device(cfg.device))
     result = {"model": loaded.source, "eval_source": cfg.eval.source, "seqlen": cfg.eval.seqlen,
               "max_windows": cfg.eval.max_windows, "perplexity": ppl, "seconds": round(time.perf_counter() - t0, 2)}
     log.info("eval: perplexity %.3f of %s on %s", ppl, loaded.source, cfg.eval.source)

@@ -21,20 +21,28 @@ PRESETS = {
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 
 
+def check_source(source: str, key: str) -> None:
+    """Fail fast, before any model loads, on a text source that cannot exist."""
+    if source == "self" and key == "calib.source":
+        return
+    if source not in PRESETS and not Path(source).expanduser().exists():
+        allowed = ", ".join([*PRESETS, "self"] if key == "calib.source" else PRESETS)
+        raise ConfigError(f"{key}={source!r} is neither a file, a folder nor a preset ({allowed})")
+
+
 def read_text(source: str, key: str, split: str = "calib") -> str:
     """All text of a file, a folder of .txt files (sorted), or a preset dataset split."""
     if source in PRESETS:
         return _preset_text(source, key, split)
+    check_source(source, key)
     p = Path(source).expanduser()
     if p.is_dir():
         files = sorted(p.rglob("*.txt"))
         if not files:
             raise ConfigError(f"{key}={source!r} is a folder without .txt files")
         text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    elif p.is_file():
-        text = p.read_text(encoding="utf-8", errors="replace")
     else:
-        raise ConfigError(f"{key}={source!r} is neither a file, a folder, a preset ({', '.join(PRESETS)}) nor self")
+        text = p.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ConfigError(f"{key}={source!r} holds no text")
     return text

@@ -21,7 +21,7 @@ def test_builtin_converts_once_prunes_and_generates(tmp_path, monkeypatch):
     assert builtin_dir("smollm2-135m") == first  # cached: no second conversion
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
 
-    cfg = Config(model=ModelConfig(), prune=PruneConfig(scope="global", sparsity=0.3),
+    cfg = Config(model=ModelConfig(), prune=PruneConfig(method="magnitude", scope="global", sparsity=0.3),
                  output_dir=str(tmp_path / "out"), device="cpu")
     report = run(cfg)
     assert report["prunable_weights"] == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)

@@ -31,6 +31,10 @@ def cli(*args, cwd):
     (["model=hf", "model.path=/no/such/model"], "model.path='/no/such/model' does not exist"),
     (["prune.sparsity=half"], "prune.sparsity"),  # Hydra's type check, before any model loads
     (["prune.sparsty=0.5"], "sparsty"),  # a typo in a key
+    (["calib.source=/no/text.txt"], "calib.source='/no/text.txt' is neither a file, a folder nor a preset"),
+    (["eval.source=/no/test.txt"], "eval.source='/no/test.txt' is neither"),
+    (["prune.scope=global", "prune.mode=sequential"], "global scope needs oneshot statistics"),
+    (["calib.nsamples=0"], "calib.nsamples=0"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     p = cli(*args, f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
