@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from distprune.scores import SCORERS
-from distprune.select import TieBudget, select, target_count
+from distprune.select import ScoreStream, TieBudget, select, target_count
 
 # (out, in) shapes of one decoder block's linear layers, and the number of blocks.
 SHAPES = {
@@ -71,8 +71,9 @@ def child(args) -> None:
 
     n = sum(w.numel() for w in weights)
     k = target_count(args.sparsity, n)
-    stream = lambda: ((str(i), score(i)) for i in range(len(weights)))
     cuda = args.device.startswith("cuda")
+    workers = 1 if cuda else max(1, min(4, torch.get_num_threads()))  # as distprune.masks does
+    stream = ScoreStream([str(i) for i in range(len(weights))], score, workers)
     times, peaks, passes, masks = [], [], 1, None
     for rep in range(args.repeat):
         if args.method == "global_unstructured":
@@ -103,7 +104,7 @@ def child(args) -> None:
                 masks = [m.weight_mask == 0 for m in modules]
             else:
                 budget = TieBudget(sel)
-                masks = [budget.mask(s) for _, s in stream()]
+                masks = [budget.mask(s) for _, s in stream]
             np.packbits(torch.cat([m.reshape(-1).cpu() for m in masks]).numpy()).tofile(args.mask_out)
             masks = None
         if args.method == "global_unstructured":
