@@ -89,40 +89,52 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None,
 def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable[[], torch.Tensor], device,
                         layers: list[PrunableLayer] | None = None, batch_size: int = 8,
                         cache_file: Path | None = None, cache_fields: dict | None = None,
-                        comm: Comm = SINGLE, show_progress: bool = True) -> PruneResult:
+                        comm: Comm = SINGLE, show_progress: bool = True,
+                        own: list[PrunableLayer] | None = None) -> PruneResult:
     """Collect activation statistics over the calibration windows (``windows()`` returns
     them, (samples, seqlen); not called on a cache hit) block by block on ``device``, and
     prune ``model`` in place with them.
 
     oneshot: statistics of the dense model (read from / written to ``cache_file`` when
-    given), then one pruning pass over all layers. sequential: block i is pruned as soon
-    as its statistics are complete, before its outputs feed block i+1.
+    given), then one pruning pass. sequential: block i is pruned as soon as its
+    statistics are complete, before its outputs feed block i+1.
+
+    With several ranks, each calibrates on its share of the windows (statistics are
+    all-reduced) and prunes ``own`` (its shard of ``layers``); in sequential mode every
+    rank prunes every block, since every rank runs the next block on the pruned one
+    (the same deterministic computation on the same statistics), and reports ``own``.
     """
     config.check()
     layers = layers if layers is not None else prunable_layers(model, config.include, config.exclude)
+    own = own if own is not None else layers
     mode = config.resolved_mode
+    mine = lambda: torch.tensor_split(windows(), comm.world_size)[comm.rank]  # this rank's share
     t0 = time.perf_counter()
     if mode == "sequential":
         groups = GroupsResult([])
 
         def prune_block(_i: int, block_layers: list[PrunableLayer], st: dict) -> None:
             part = prune(model, config, norms=stats.norms({lay.name: st[lay.name] for lay in block_layers}),
-                         comm=comm, layers=block_layers, show_progress=False)
+                         layers=block_layers, show_progress=False)
             groups.extend(part.groups)
 
-        stats.collect(model, layers, windows(), device, "sequential", prune_block, batch_size, show_progress)
+        stats.collect(model, layers, mine(), device, "sequential", prune_block, batch_size, show_progress, comm)
         elapsed = time.perf_counter() - t0 - sum(groups.seconds.values())
+        names = {layer.name for layer in own}
+        groups.layers = [r for r in groups.layers if r.name in names]
         return PruneResult(config, groups, mode, "off", elapsed)
 
     names = [layer.name for layer in layers]
     cached = stats.load(cache_file, names) if cache_file is not None else None
-    found = cached
+    everywhere = comm.all_reduce_min(torch.tensor([int(cached is not None)]))  # every rank must hit
+    found = cached if int(everywhere) else None
     if found is None:
-        found = stats.collect(model, layers, windows(), device, "oneshot", batch_size=batch_size, show=show_progress)
-        if cache_file is not None:
+        found = stats.collect(model, layers, mine(), device, "oneshot", batch_size=batch_size, show=show_progress,
+                              comm=comm)
+        if cache_file is not None and comm.is_main:
             stats.save(cache_file, found, cache_fields or {})
-    hit = "off" if cache_file is None else ("hit" if cached is not None else "miss")
+    hit = "off" if cache_file is None else ("hit" if found is cached else "miss")
     elapsed = time.perf_counter() - t0
     model.to(device)
-    result = prune(model, config, norms=stats.norms(found), comm=comm, layers=layers, show_progress=show_progress)
+    result = prune(model, config, norms=stats.norms(found), comm=comm, layers=own, show_progress=show_progress)
     return PruneResult(config, result.groups, mode, hit, elapsed)

@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from distprune.config import ConfigError
+from distprune.dist import SINGLE, Comm
 
 REPORT = "distprune_report.json"
 
@@ -38,28 +41,100 @@ def check_output(output_dir: str, overwrite: bool, input_dir: Path | None) -> Pa
 
 
 @contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside out; on success it replaces out, on error it
-    is removed and out is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def atomic_dir(out: Path, comm: Comm = SINGLE) -> Iterator[Path]:
+    """Yield a temporary directory beside out that every rank writes into; when all ranks
+    are done it replaces out (rank 0 renames it), on error it is removed and out is left
+    as it was."""
+    token = comm.broadcast_int(os.getpid())  # one name on every rank
+    tmp = out.with_name(f".{out.name}.tmp-{token}")
+    if comm.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    comm.barrier()
     try:
         yield tmp
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)  # two renames: out is never missing a complete version for long
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        comm.barrier()  # every rank has written its files
+        if comm.is_main:
+            old = out.with_name(f".{out.name}.old-{token}")
+            if out.exists():
+                out.rename(old)  # two renames: out is never missing a complete version for long
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if comm.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_size: str) -> None:
-    """A Hugging Face checkpoint: safetensors shards (+ index), config, generation config,
-    tokenizer."""
-    model.save_pretrained(directory, max_shard_size=max_shard_size, safe_serialization=True)
+def _size_bytes(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * units[unit])
+    return int(t)
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without tied duplicates (lm_head tied to the embeddings): the first
+    name of each storage stays, as Hugging Face does; loading re-ties the rest."""
+    seen, out = set(), {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident not in seen:
+            seen.add(ident)
+            out[key] = t
+    return out
+
+
+def shard_plan(model: nn.Module, parts: list[list[str]], max_shard_size: str) -> list[tuple[int, list[str]]]:
+    """[(rank, tensor names)] per output file, the same on every rank: rank r writes the
+    prunable weights it owns (parts[r], module names); rank 0 also writes every other
+    tensor. Files never exceed max_shard_size unless one tensor does."""
+    state = _unique_state_dict(model)
+    limit = _size_bytes(max_shard_size)
+    owned = {f"{name}.weight" for part in parts for name in part}
+    plan = []
+    for rank, part in enumerate(parts):
+        keys = [f"{name}.weight" for name in part]
+        if rank == 0:
+            keys = [k for k in state if k not in owned] + keys
+        chunk, size = [], 0
+        for k in keys:
+            nbytes = state[k].numel() * state[k].element_size()
+            if chunk and size + nbytes > limit:
+                plan.append((rank, chunk))
+                chunk, size = [], 0
+            chunk.append(k)
+            size += nbytes
+        if chunk:
+            plan.append((rank, chunk))
+    return plan
+
+
+def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_size: str,
+                     parts: list[list[str]] | None = None, comm: Comm = SINGLE) -> None:
+    """A Hugging Face checkpoint written by all ranks at once: each rank writes the
+    safetensors files of its own layers; rank 0 writes the other tensors, the index,
+    config, generation config and tokenizer."""
+    parts = parts if parts is not None else [[]]
+    plan = shard_plan(model, parts, max_shard_size)
+    state = _unique_state_dict(model)
+    names = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    for (rank, keys), name in zip(plan, names, strict=True):
+        if rank == comm.rank:
+            save_file({k: state[k].detach().contiguous().cpu() for k in keys}, directory / name,
+                      metadata={"format": "pt"})
+    if not comm.is_main:
+        return
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: name for (_, keys), name in zip(plan, names, strict=True) for k in keys}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 

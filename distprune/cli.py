@@ -13,10 +13,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distprune import checkpoint, data, models, stats
+from distprune import checkpoint, data, dist, models, stats
 from distprune.api import PruneResult, calibrate_and_prune, prune
 from distprune.config import Config, ConfigError, register_configs
-from distprune.dist import SINGLE
+from distprune.dist import SINGLE, Comm
 from distprune.evaluate import perplexity
 from distprune.scores import SCORERS
 from distprune.select import NonFiniteScoreError
@@ -56,16 +56,17 @@ def eval_windows(cfg: Config, tokenizer) -> torch.Tensor:
                                    f"eval.source={cfg.eval.source!r}")
 
 
-def evaluate_ppl(cfg: Config, model, windows: torch.Tensor, device: str) -> float:
+def evaluate_ppl(cfg: Config, model, windows: torch.Tensor, device: str, comm: Comm = SINGLE) -> float:
     model.to(device)
-    return perplexity(model, windows, cfg.eval.batch_size)
+    return perplexity(model, windows, cfg.eval.batch_size, comm=comm)
 
 
-def prune_model(cfg: Config, loaded: models.LoadedModel, layers, device: str) -> PruneResult:
-    """Prune in place: magnitude directly, wanda after block-wise calibration."""
+def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: str, comm: Comm) -> PruneResult:
+    """Prune in place: magnitude directly, wanda after block-wise calibration. This rank
+    prunes ``own``, its shard of ``layers``."""
     if not SCORERS[cfg.prune.method].needs_stats:
         loaded.model.to(device)
-        return prune(loaded.model, cfg.prune, layers=layers)
+        return prune(loaded.model, cfg.prune, layers=own, comm=comm)
 
     def windows():
         if cfg.calib.source == "self":
@@ -82,10 +83,27 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, device: str) ->
         cache_file = models.cache_dir() / "stats" / f"{stats.cache_key(fields)}.safetensors"
     loaded.model.to("cpu")
     return calibrate_and_prune(loaded.model, cfg.prune, windows, device, layers, cfg.calib.batch_size,
-                               cache_file, fields)
+                               cache_file, fields, comm, own=own)
 
 
-def run(cfg: Config) -> dict:
+def sync_pruned(parts: list[list[models.PrunableLayer]], comm: Comm) -> None:
+    """Give every rank every pruned weight (each from its owner): evaluation runs the
+    whole pruned model. Moves the model once; selection never does."""
+    if comm.world_size == 1:
+        return
+    for rank, part in enumerate(parts):
+        for layer in part:
+            comm.broadcast_(layer.module.weight.data, src=rank)
+
+
+def gather_layers(result: PruneResult, comm: Comm) -> None:
+    """Every rank's per-layer results, in rank (= layer) order, into result."""
+    if comm.world_size > 1:
+        parts = comm.all_gather_objects(result.groups.layers)
+        result.groups.layers = [r for part in parts for r in part]
+
+
+def run(cfg: Config, comm: Comm = SINGLE) -> dict:
     """Run one pruning job; returns the report. Raises ConfigError on bad input."""
     cfg.check()
     models.check_source(cfg.model)
@@ -94,23 +112,27 @@ def run(cfg: Config) -> dict:
     if cfg.eval.source:
         data.check_source(cfg.eval.source, "eval.source")
     out = checkpoint.check_output(cfg.output_dir, cfg.overwrite, models.input_dir(cfg.model))
-    device = resolve_device(cfg.device)
+    device = dist.device_of(comm, resolve_device(cfg.device))
     seconds: dict[str, float] = {}
 
     with phase(seconds, "load"):
         loaded = models.load(cfg.model, "cpu")
         layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude)
+        parts = models.partition(layers, comm.world_size)
     log.info("load: %s from %s in %.1fs", models.describe(loaded.model, layers), loaded.source, seconds["load"])
+    if comm.world_size > 1:
+        log.info("ranks: %d, layers per rank %s", comm.world_size, [len(p) for p in parts])
 
     ppl, windows = {}, None
     if cfg.eval.source:
         windows = eval_windows(cfg, loaded.tokenizer)
     if cfg.eval.source and cfg.eval.dense:
         with phase(seconds, "eval_dense"):
-            ppl["dense"] = evaluate_ppl(cfg, loaded.model, windows, device)
+            ppl["dense"] = evaluate_ppl(cfg, loaded.model, windows, device, comm)
         log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source, seconds["eval_dense"])
 
-    result = prune_model(cfg, loaded, layers, device)
+    result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm)
+    gather_layers(result, comm)
     if result.mode:
         seconds["statistics"] = round(result.stats_seconds, 4)
         log.info("statistics: %s, %d x %d tokens from %s, cache %s, in %.1fs", result.mode, cfg.calib.nsamples,
@@ -124,7 +146,8 @@ def run(cfg: Config) -> dict:
 
     if cfg.eval.source:
         with phase(seconds, "eval"):
-            ppl["pruned"] = evaluate_ppl(cfg, loaded.model, windows, device)
+            sync_pruned(parts, comm)
+            ppl["pruned"] = evaluate_ppl(cfg, loaded.model, windows, device, comm)
         log.info("eval: pruned perplexity %.3f (dense %s) in %.1fs", ppl["pruned"],
                  f"{ppl['dense']:.3f}" if "dense" in ppl else "not evaluated", seconds["eval"])
 
@@ -132,17 +155,20 @@ def run(cfg: Config) -> dict:
         "model": loaded.source,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "device": device,
-        "world_size": SINGLE.world_size,
+        "world_size": comm.world_size,
+        "selection_bytes_per_rank": comm.bytes_communicated,
         **summary,
         "perplexity": ppl or None,
         "seconds": seconds,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }
-    with checkpoint.atomic_dir(out) as tmp:
+    with checkpoint.atomic_dir(out, comm) as tmp:
         with phase(seconds, "save"):
             if cfg.save:
-                checkpoint.write_checkpoint(tmp, loaded.model, loaded.tokenizer, cfg.max_shard_size)
-        checkpoint.write_report(tmp, report)
+                checkpoint.write_checkpoint(tmp, loaded.model, loaded.tokenizer, cfg.max_shard_size,
+                                            [[layer.name for layer in part] for part in parts], comm)
+        if comm.is_main:
+            checkpoint.write_report(tmp, report)
     log.info("save: %s in %.1fs", out if cfg.save else f"report only in {out}", seconds["save"])
     return report
 
@@ -153,15 +179,25 @@ register_configs()
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # top-level conf/ of the checkout
 
 
+def setup_logging(comm: Comm) -> None:
+    """Rank 0 logs progress; other ranks only warnings and errors, tagged with their rank."""
+    tag = f" rank {comm.rank}" if comm.world_size > 1 else ""
+    logging.basicConfig(level=logging.INFO if comm.is_main else logging.WARNING, stream=sys.stderr, force=True,
+                        format=f"%(asctime)s %(name)s{tag} %(levelname)s: %(message)s")
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        stream=sys.stderr)
+    comm = dist.init()
+    setup_logging(comm)
     try:
-        run(OmegaConf.to_object(dcfg))
+        run(OmegaConf.to_object(dcfg), comm)
     except (ConfigError, NonFiniteScoreError) as e:
         log.error("%s", e)
         sys.exit(2)
+    except Exception as e:  # name the failing rank, then let the launcher end the others
+        log.error("rank %d of %d failed: %s: %s", comm.rank, comm.world_size, type(e).__name__, e)
+        raise
 
 
 def run_eval(cfg: Config) -> dict:
@@ -184,8 +220,7 @@ def run_eval(cfg: Config) -> dict:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def eval_main(dcfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        stream=sys.stderr)
+    setup_logging(SINGLE)
     try:
         run_eval(OmegaConf.to_object(dcfg))
     except ConfigError as e:

@@ -7,6 +7,11 @@ path serves one process and many.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+from datetime import timedelta
+
 import torch
 
 
@@ -28,33 +33,81 @@ class Comm:
     def _count(self, t: torch.Tensor) -> None:
         self.bytes_communicated += t.numel() * t.element_size()
 
+    def _on_wire(self, t: torch.Tensor) -> torch.Tensor:
+        """NCCL reduces on the GPU; gloo on the CPU."""
+        backend = self._dist.get_backend()
+        return t.cuda() if backend == "nccl" and not t.is_cuda else t
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks, in place."""
-        if self._dist:
-            self._count(t)
-            self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM)
-        return t
+        return self._reduce(t, "SUM")
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """Maximum of a tensor over ranks, in place."""
+        return self._reduce(t, "MAX")
+
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, "MIN")
+
+    def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
         if self._dist:
             self._count(t)
-            self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX)
+            wire = self._on_wire(t)
+            self._dist.all_reduce(wire, op=getattr(self._dist.ReduceOp, op))
+            if wire is not t:
+                t.copy_(wire)
         return t
+
+    def all_gather_ints(self, value: int) -> list[int]:
+        """One integer from every rank, in rank order."""
+        if not self._dist:
+            return [value]
+        t = torch.zeros(self.world_size, dtype=torch.int64)
+        t[self.rank] = value
+        return self.all_reduce_sum(t).tolist()
+
+    def exclusive_prefix(self, value: int) -> int:
+        """Sum of ``value`` over the ranks before this one (rank order is layer order)."""
+        return sum(self.all_gather_ints(value)[: self.rank])
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate 1-D tensors of any length over ranks, in rank order (reference only)."""
         if not self._dist:
             return t
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        self._dist.all_gather(sizes, torch.tensor([t.numel()]))
-        width = int(max(sizes))
-        padded = torch.zeros(width, dtype=t.dtype)
+        sizes = self.all_gather_ints(t.numel())
+        padded = torch.zeros(max(sizes), dtype=t.dtype, device=t.device)
         padded[: t.numel()] = t
+        padded = self._on_wire(padded)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         self._count(padded)
         self._dist.all_gather(parts, padded)
-        return torch.cat([p[: int(n)] for p, n in zip(parts, sizes, strict=True)])
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(t.device)
+
+    def all_gather_objects(self, obj) -> list:
+        """A picklable object from every rank, in rank order (reports, not tensors)."""
+        if not self._dist:
+            return [obj]
+        out = [None] * self.world_size
+        self._dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """Rank src's tensor on every rank, in place."""
+        if self._dist:
+            if self.rank == src:
+                self._count(t)
+            wire = self._on_wire(t)
+            self._dist.broadcast(wire, src=src)
+            if wire is not t:
+                t.copy_(wire)
+        return t
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's value on every rank."""
+        if not self._dist:
+            return value
+        t = torch.tensor([value if self.is_main else 0], dtype=torch.int64)
+        return int(self.all_reduce_sum(t))
 
     def barrier(self) -> None:
         if self._dist:
@@ -64,6 +117,32 @@ class Comm:
 SINGLE = Comm()  # one process: every collective is the identity
 
 
-def current() -> Comm:
-    """The Comm of this process: over the default process group when one is initialized."""
+def init(timeout_s: float = 600.0) -> Comm:
+    """Join the process group that torchrun / accelerate launch announced in the
+    environment (WORLD_SIZE > 1): NCCL when each rank has a GPU, gloo otherwise. A plain
+    process gets the single-process Comm and needs no process group."""
+    import torch.distributed as tdist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return SINGLE
+    if not tdist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    # torchrun ends the other ranks with SIGTERM when one fails: exit through Python so
+    # that temporary output directories are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return Comm(distributed=True)
+
+
+def device_of(comm: Comm, device: str) -> str:
+    """This rank's device: cuda:LOCAL_RANK under a launcher, else the configured one."""
+    if device == "cuda" and comm.world_size > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def shutdown(comm: Comm) -> None:
+    if comm._dist:
+        comm._dist.destroy_process_group()

@@ -87,7 +87,7 @@ def _prune_global(layers, score, sparsity, selector, comm, show, search) -> Grou
     t0 = time.perf_counter()
     sel = select(selector, stream, target_count(sparsity, n), n, comm, **search)
     t1 = time.perf_counter()
-    budget = TieBudget(sel)
+    budget = TieBudget(sel, comm)
     results = [_apply(layer, budget.mask(score(layer))) for layer in progress(layers, "mask", "layer", show)]
     seconds = {"score+select": t1 - t0, "mask": time.perf_counter() - t1}
     return GroupsResult(results, sel, sel.passes, seconds)

@@ -192,6 +192,25 @@ def describe(model: nn.Module, layers: list[PrunableLayer]) -> str:
             f"{len(layers)} prunable layers ({prunable / 1e6:.1f}M weights), {next(model.parameters()).dtype}")
 
 
+def partition(layers: list[PrunableLayer], world_size: int) -> list[list[PrunableLayer]]:
+    """Contiguous groups of layers balanced by parameter count, one per rank: a layer goes
+    to the rank whose equal share of the running total holds the layer's midpoint, moved
+    by at most one rank per layer so that no rank is left without a layer. Deterministic;
+    rank order is layer order."""
+    count = len(layers)
+    if world_size > count:
+        raise ConfigError(f"{world_size} ranks but only {count} prunable layers: use fewer ranks")
+    total = sum(layer.numel for layer in layers)
+    parts: list[list[PrunableLayer]] = [[] for _ in range(world_size)]
+    seen, prev = 0, -1
+    for i, layer in enumerate(layers):
+        want = int((seen + layer.numel / 2) * world_size / total)
+        rank = min(max(want, prev, world_size - (count - i)), prev + 1)
+        parts[rank].append(layer)
+        seen, prev = seen + layer.numel, rank
+    return parts
+
+
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The ModuleList that holds the model's num_hidden_layers decoder blocks."""
     count = model.config.num_hidden_layers

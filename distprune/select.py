@@ -88,6 +88,7 @@ class Selection:
     tie_quota: int | None  # scores == threshold to prune (in stream order); None: all
     passes: int  # streaming passes over the scores
     selector: str
+    local_ties: int = 0  # scores == threshold on this rank (equal to the global count on one process)
 
     @property
     def exact(self) -> bool:
@@ -171,13 +172,14 @@ def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
 
     for h in stream.map(high, "radix pass 1"):
         hist += h
+    local = hist.clone()  # this rank's share, for the tie offsets
     comm.all_reduce_sum(hist)
     limit = _NONFINITE_FROM[dtype] >> (0 if half else 16)
     if int(hist[limit:].sum()) > 0:
         _raise_nonfinite(stream)
     hi, below = _locate(hist, k)
     if half:
-        return Selection(k, n, _from_bits(hi, dtype), k - below, 1, "radix")
+        return Selection(k, n, _from_bits(hi, dtype), k - below, 1, "radix", int(local[hi]))
 
     hist2 = torch.zeros(BINS, dtype=torch.int64)
 
@@ -188,9 +190,10 @@ def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
 
     for h in stream.map(low, "radix pass 2"):
         hist2 += h
+    local = hist2.clone()
     comm.all_reduce_sum(hist2)
     lo, below2 = _locate(hist2, k - below)
-    return Selection(k, n, _from_bits((hi << 16) | lo, dtype), k - below - below2, 2, "radix")
+    return Selection(k, n, _from_bits((hi << 16) | lo, dtype), k - below - below2, 2, "radix", int(local[lo]))
 
 
 def select_sort(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE) -> Selection:
@@ -201,12 +204,13 @@ def select_sort(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE) -> Sel
     """
     if k == 0:
         return Selection(k, n, None, 0, 0, "sort")
-    cat = comm.all_gather_cat(torch.cat(list(stream.map(lambda _n, s: s.reshape(-1), "sort gather"))))
+    mine = torch.cat(list(stream.map(lambda _n, s: s.reshape(-1), "sort gather")))
+    cat = comm.all_gather_cat(mine)
     if not bool(torch.isfinite(cat).all()):
         _raise_nonfinite(stream)
     t = torch.topk(cat, k, largest=False, sorted=False).values.max()
     below = int(torch.count_nonzero(cat < t))
-    return Selection(k, n, t.cpu(), k - below, 1, "sort")
+    return Selection(k, n, t.cpu(), k - below, 1, "sort", int(torch.count_nonzero(mine == t)))
 
 
 def select_search(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
@@ -272,11 +276,18 @@ def select(selector: str, stream: ScoreStream, k: int, n: int, comm: Comm = SING
 
 
 class TieBudget:
-    """Hands out the tie quota of a Selection in stream order, layer by layer."""
+    """Hands out the tie quota of a Selection in stream order, layer by layer.
 
-    def __init__(self, selection: Selection):
+    Across ranks the order is (rank, layer, flat index): rank order is layer order, so
+    this rank prunes what is left of the quota after the ties of the ranks before it.
+    """
+
+    def __init__(self, selection: Selection, comm: Comm = SINGLE):
         self.selection = selection
         self.remaining = selection.tie_quota
+        if self.remaining is not None and comm.world_size > 1:
+            before = comm.exclusive_prefix(selection.local_ties)
+            self.remaining = min(max(self.remaining - before, 0), selection.local_ties)
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """Boolean mask (True = prune) of one layer's scores, in stream order."""

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distprune.dist import SINGLE, Comm
 from distprune.models import PrunableLayer, decoder_blocks
 from distprune.progress import progress
 
@@ -98,13 +99,31 @@ def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
     return outputs
 
 
+def all_reduce(stats: list[LayerStats], comm: Comm) -> None:
+    """Sum statistics over ranks (data parallel), in one collective, in place."""
+    if comm.world_size == 1 or not stats:
+        return
+    flat = torch.cat([torch.cat([st.sumsq, st.sum, torch.tensor([float(st.count)], dtype=torch.float64)])
+                      for st in stats])
+    comm.all_reduce_sum(flat)
+    at = 0
+    for st in stats:
+        width = st.sumsq.numel()
+        st.sumsq.copy_(flat[at:at + width])
+        st.sum.copy_(flat[at + width:at + 2 * width])
+        st.count = int(flat[at + 2 * width])
+        at += 2 * width + 1
+
+
 @torch.no_grad()
 def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor, device,
             mode: str = "oneshot", on_block: Callable[[int, list[PrunableLayer], dict], None] | None = None,
-            batch_size: int = 8, show: bool = True) -> dict[str, LayerStats]:
+            batch_size: int = 8, show: bool = True, comm: Comm = SINGLE) -> dict[str, LayerStats]:
     """Per-layer input statistics of ``layers`` over ``windows`` (samples, seqlen), one
     decoder block on ``device`` at a time. In sequential mode ``on_block(i, block_layers,
-    stats)`` prunes block i before its outputs are recomputed."""
+    stats)`` prunes block i before its outputs are recomputed. With several ranks, each
+    passes its own share of the windows and the statistics are all-reduced block by block,
+    so every rank ends with the statistics of all samples."""
     if mode not in ("oneshot", "sequential"):
         raise ValueError(f"unknown calibration mode {mode!r}")
     blocks = decoder_blocks(model)
@@ -128,6 +147,7 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
         finally:
             for h in handles:
                 h.remove()
+        all_reduce([stats[layer.name] for layer in by_block.get(i, [])], comm)
         if mode == "sequential" and by_block.get(i):
             on_block(i, by_block[i], stats)
             outputs = _run_block(block, inputs)  # block i's outputs with its pruned weights

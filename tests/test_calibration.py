@@ -70,8 +70,8 @@ def test_sequential_differs_from_oneshot_only_after_block0(arch):
     captured = {}
     original = stats.collect
 
-    def spy(model, layers, w, device, mode="oneshot", on_block=None, batch_size=8, show=True):
-        captured[mode] = original(model, layers, w, device, mode, on_block, batch_size, show)
+    def spy(model, layers, w, device, mode="oneshot", *args, **kwargs):
+        captured[mode] = original(model, layers, w, device, mode, *args, **kwargs)
         return captured[mode]
 
     stats.collect = spy
