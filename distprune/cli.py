@@ -159,6 +159,7 @@ def run(cfg: Config, comm: Comm = SINGLE) -> dict:
         "selection_bytes_per_rank": comm.bytes_communicated,
         **summary,
         "perplexity": ppl or None,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
         "seconds": seconds,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }

@@ -74,7 +74,9 @@ class PruneConfig:
 
 @dataclass
 class CalibConfig:
-    source: str = "self"  # a text file or folder, a preset (wikitext2, c4), or self: sampled from the model
+    # a text file or folder, a preset (wikitext2, c4), self (sampled from the model), or
+    # random (uniform token ids: timing runs of random-weight models only)
+    source: str = "self"
     nsamples: int = 32
     seqlen: int = 512  # never the model's max_position_embeddings: that is 8k-128k and blows memory
     seed: int = 0

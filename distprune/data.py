@@ -23,10 +23,10 @@ C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-
 
 def check_source(source: str, key: str) -> None:
     """Fail fast, before any model loads, on a text source that cannot exist."""
-    if source == "self" and key == "calib.source":
+    if source in ("self", "random") and key == "calib.source":
         return
     if source not in PRESETS and not Path(source).expanduser().exists():
-        allowed = ", ".join([*PRESETS, "self"] if key == "calib.source" else PRESETS)
+        allowed = ", ".join([*PRESETS, "self", "random"] if key == "calib.source" else PRESETS)
         raise ConfigError(f"{key}={source!r} is neither a file, a folder nor a preset ({allowed})")
 
 
@@ -115,5 +115,8 @@ def calibration_windows(source: str, model: nn.Module, tokenizer, nsamples: int,
                         seed: int) -> torch.Tensor:
     if source == "self":
         return self_windows(model, nsamples, seqlen, seed)
+    if source == "random":  # uniform random token ids: for timing runs of random-weight models, not quality
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=g)
     tokens = tokenize(tokenizer, read_text(source, "calib.source", "calib"))
     return random_windows(tokens, nsamples, seqlen, seed, f"calib.source={source!r}")

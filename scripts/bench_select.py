@@ -112,6 +112,65 @@ def child(args) -> None:
     print(json.dumps({"times": times, "peak_bytes": peaks[0], "passes": passes, "n": n, "k": k}))
 
 
+def dist_child(args) -> None:
+    """One rank of a world-size run (under torchrun): score and select over this rank's
+    contiguous shard of the layers, collectives over gloo."""
+    from types import SimpleNamespace
+
+    from distprune import dist
+    from distprune.models import partition
+
+    comm = dist.init()
+    weights, norms = make_weights(args.shapes, args.blocks)
+    shards = partition([SimpleNamespace(numel=w.numel(), i=i) for i, w in enumerate(weights)], comm.world_size)
+    mine = [layer.i for layer in shards[comm.rank]]
+    fn = SCORERS[args.score].fn
+    stream = ScoreStream([str(i) for i in mine], lambda j: fn(weights[mine[j]], norms[mine[j]]),
+                         max(1, min(4, torch.get_num_threads())))
+    n = sum(w.numel() for w in weights)
+    times, sent = [], 0
+    for _ in range(args.repeat):
+        before = comm.bytes_communicated
+        comm.barrier()
+        t0 = time.perf_counter()
+        sel = select(args.method, stream, target_count(args.sparsity, n), n, comm, search_max_iter=args.max_iter)
+        comm.barrier()
+        times.append(time.perf_counter() - t0)
+        sent = comm.bytes_communicated - before
+    if comm.is_main:
+        print(json.dumps({"times": times, "bytes": sent, "passes": sel.passes, "n": n}))
+    dist.shutdown(comm)
+
+
+def run_ranks(args, score: str, method: str, ranks: int) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), __file__,
+           "--dist-child", "--score", score, "--method", method, "--shapes", args.shapes, "--repeat",
+           str(args.repeat), "--sparsity", str(args.sparsity), "--max-iter", str(args.max_iter)]
+    if args.blocks:
+        cmd += ["--blocks", str(args.blocks)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"failed": out.stderr.strip().splitlines()[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ranks_table(args) -> str:
+    lines = ["| score | method | ranks | median s | passes | bytes sent per rank per selection |",
+             "|---|---|---:|---:|---:|---:|"]
+    for score in args.scores.split(","):
+        for method in args.methods.split(","):
+            for ranks in [int(r) for r in args.world_sizes.split(",")]:
+                r = run_ranks(args, score, method, ranks)
+                if "failed" in r:
+                    lines.append(f"| {score} | {method} | {ranks} | {r['failed']} | | |")
+                    continue
+                lines.append(f"| {score} | {method} | {ranks} | {statistics.median(r['times']):.3f} | "
+                             f"{r['passes']} | {r['bytes']:,} |")
+                print(lines[-1], file=sys.stderr)
+    return "\n".join(lines)
+
+
 def _prunable_modules(weights, score, kind):
     """Fresh modules over copies of the weights (global_unstructured rewrites them)."""
     from torch import nn
@@ -155,13 +214,25 @@ def main() -> None:
     p.add_argument("--scores", default="magnitude,wanda")
     p.add_argument("--device", default="cpu")
     p.add_argument("--write", default=None, help="markdown file to update with the table")
+    p.add_argument("--world-sizes", default=None,
+                   help="e.g. 1,2,4: time selection under torchrun (gloo) at each world size instead")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dist-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--score", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--mask-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.dist_child:
+        return dist_child(args)
+    if args.world_sizes:
+        table = ranks_table(args)
+        print(table)
+        if args.write:
+            n = sum(w.numel() for w in make_weights(args.shapes, args.blocks)[0])
+            write_section(Path(args.write), args, n, table, f"ranks {args.world_sizes}")
+        return None
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,11 +285,11 @@ def machine(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def write_section(path: Path, args, n: int, table: str) -> None:
+def write_section(path: Path, args, n: int, table: str, axis: str = "methods") -> None:
     """Replace (or append) this configuration's section of the benchmarks file."""
-    key = f"bench_select {args.shapes} blocks={args.blocks} device={args.device}"
+    key = f"bench_select {args.shapes} blocks={args.blocks} device={args.device} {axis}"
     command = "python " + " ".join([sys.argv[0], *[a for a in sys.argv[1:]]])
-    section = (f"<!-- {key} -->\n### Selection: {args.shapes} shapes"
+    section = (f"<!-- {key} -->\n### Selection{', ' + axis if axis != 'methods' else ''}: {args.shapes} shapes"
                f"{f', first {args.blocks} blocks' if args.blocks else ''}, {n / 1e6:.0f}M bf16 weights, "
                f"sparsity {args.sparsity}, {args.device}\n\n"
                f"{date.today().isoformat()}, {machine(args.device)}, median of {args.repeat}.\n\n"
