@@ -119,3 +119,26 @@ def test_partition_contiguous_and_balanced():
         assert [x for p in parts for x in p] == layers and all(parts)
         sizes = [sum(x.numel for x in p) for p in parts]
         assert max(sizes) - min(sizes) <= 48 + 16  # within about one layer of equal
+
+
+def test_bad_input_on_one_rank_ends_all(tmp_path):
+    """A NaN weight in the last layer (rank 1's shard): the global histogram shows it on
+    every rank, rank 1 names the layer, every rank exits non-zero, nothing is written."""
+    from conftest import TINY
+
+    from distprune.config import ModelConfig
+    from distprune.models import load
+
+    model = load(ModelConfig(random=dict(TINY["llama"]))).model
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    out = tmp_path / "run"
+    out.mkdir()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "distprune", "model=hf", f"model.path={tmp_path / 'nan-model'}",
+                        "prune.method=magnitude", "prune.scope=global", f"output_dir={out}/pruned"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert p.returncode != 0
+    assert "non-finite (NaN or Inf) importance scores in layer model.layers.1.mlp.down_proj" in p.stderr
+    assert list(out.iterdir()) == []
