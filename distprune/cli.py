@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -160,6 +161,7 @@ def run(cfg: Config, comm: Comm = SINGLE) -> dict:
         **summary,
         "perplexity": ppl or None,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # this process so far
         "seconds": seconds,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }

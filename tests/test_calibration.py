@@ -277,3 +277,29 @@ def test_eval_entry_on_any_checkpoint(tiny_checkpoint, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "distprune.eval", "model=hf", f"model.path={ckpt}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "eval.source is not set" in bad.stderr
+
+
+@needs_wikitext
+def test_sweep_summary_files_and_picture(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint(text=WIKI_VALID.read_text()[:100000])
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "-m", "distprune", "-m", "model=hf", f"model.path={ckpt}",
+                        f"calib.source={WIKI_VALID}", "calib.nsamples=4", "calib.seqlen=32",
+                        f"eval.source={WIKI_TEST}", "eval.seqlen=32", "eval.max_windows=4", "save=false",
+                        "prune.method=magnitude,wanda", "prune.sparsity=0.3,0.6",
+                        f"output_dir={sweep}/${{prune.method}}-${{prune.sparsity}}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    s = subprocess.run([sys.executable, "-m", "distprune.summarize", str(sweep)], capture_output=True, text=True,
+                       timeout=120)
+    assert s.returncode == 0, s.stderr
+    with open(sweep / "summary.csv") as f:
+        table = list(__import__("csv").DictReader(f))
+    assert [(r["method"], r["target_sparsity"]) for r in table] == [
+        ("magnitude", "0.3"), ("magnitude", "0.6"), ("wanda", "0.3"), ("wanda", "0.6")]
+    assert all(float(r["perplexity"]) > 1 for r in table)
+    assert (sweep / "summary.md").read_text().count("\n") == 6
+    assert (sweep / "summary.png").stat().st_size > 10000
+    empty = subprocess.run([sys.executable, "-m", "distprune.summarize", str(tmp_path)], capture_output=True,
+                           text=True, timeout=120)
+    assert empty.returncode != 0 and "no distprune_report.json" in empty.stderr
