@@ -12,6 +12,8 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from distprune import checkpoint, data, dist, models, stats
@@ -104,8 +106,9 @@ def gather_layers(result: PruneResult, comm: Comm) -> None:
         result.groups.layers = [r for part in parts for r in part]
 
 
-def run(cfg: Config, comm: Comm = SINGLE) -> dict:
-    """Run one pruning job; returns the report. Raises ConfigError on bad input."""
+def run(cfg: Config, comm: Comm = SINGLE, sweep: models.SweepModels | None = None) -> dict:
+    """Run one pruning job; returns the report. Raises ConfigError on bad input. Jobs of a
+    sweep pass one SweepModels so that the model is loaded once."""
     cfg.check()
     models.check_source(cfg.model)
     if SCORERS[cfg.prune.method].needs_stats:
@@ -117,10 +120,11 @@ def run(cfg: Config, comm: Comm = SINGLE) -> dict:
     seconds: dict[str, float] = {}
 
     with phase(seconds, "load"):
-        loaded = models.load(cfg.model, "cpu")
+        loaded, reused = sweep.get(cfg.model) if sweep else (models.load(cfg.model, "cpu"), False)
         layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude)
         parts = models.partition(layers, comm.world_size)
-    log.info("load: %s from %s in %.1fs", models.describe(loaded.model, layers), loaded.source, seconds["load"])
+    log.info("load: %s from %s%s in %.1fs", models.describe(loaded.model, layers), loaded.source,
+             " (reused from the previous job, dense weights restored)" if reused else "", seconds["load"])
     if comm.world_size > 1:
         log.info("ranks: %d, layers per rank %s", comm.world_size, [len(p) for p in parts])
 
@@ -157,6 +161,7 @@ def run(cfg: Config, comm: Comm = SINGLE) -> dict:
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "device": device,
         "world_size": comm.world_size,
+        "model_reused": reused,
         "selection_bytes_per_rank": comm.bytes_communicated,
         **summary,
         "perplexity": ppl or None,
@@ -177,6 +182,7 @@ def run(cfg: Config, comm: Comm = SINGLE) -> dict:
 
 
 register_configs()
+SWEEP = models.SweepModels()  # one per process: Hydra runs a sweep's jobs one after another in it
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # top-level conf/ of the checkout
@@ -193,8 +199,9 @@ def setup_logging(comm: Comm) -> None:
 def main(dcfg: DictConfig) -> None:
     comm = dist.init()
     setup_logging(comm)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        run(OmegaConf.to_object(dcfg), comm)
+        run(OmegaConf.to_object(dcfg), comm, SWEEP if multirun else None)
     except (ConfigError, NonFiniteScoreError) as e:
         log.error("%s", e)
         sys.exit(2)

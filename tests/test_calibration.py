@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 from conftest import TINY, WIKI_TEST, WIKI_VALID, needs_wikitext, word_tokenizer
+from safetensors.torch import load_file
 
 from distprune import PruneConfig, prune, stats
 from distprune.api import calibrate_and_prune
@@ -257,12 +258,21 @@ def test_wanda_end_to_end_on_wikitext_with_eval(tiny_checkpoint, tmp_path, monke
 def test_sweep_computes_oneshot_statistics_once(tmp_path):
     env = dict(os.environ, DISTPRUNE_CACHE=str(tmp_path / "cache"))
     p = subprocess.run([sys.executable, "-m", "distprune", "-m", "model=tiny-llama", "calib.nsamples=4",
-                        "calib.seqlen=32", "prune.scope=global", "prune.sparsity=0.3,0.5,0.7"],
+                        "calib.seqlen=32", "prune.scope=global", "prune.sparsity=0.7,0.5,0.3"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("cache miss") == 1 and p.stderr.count("cache hit") == 2
-    reports = sorted((tmp_path / "outputs").glob("*/distprune_report.json"))
-    assert [json.loads(r.read_text())["target_sparsity"] for r in reports] == [0.3, 0.5, 0.7]
+    reports = [json.loads(r.read_text()) for r in sorted((tmp_path / "outputs").glob("*/distprune_report.json"))]
+    assert [r["target_sparsity"] for r in reports] == [0.3, 0.5, 0.7]
+    # the model is loaded once; each later job starts again from the dense weights
+    assert [r["model_reused"] for r in reports] == [True, True, False]  # sorted by sparsity; 0.7 ran first
+    alone = subprocess.run([sys.executable, "-m", "distprune", "model=tiny-llama", "calib.nsamples=4",
+                            "calib.seqlen=32", "prune.scope=global", "prune.sparsity=0.3", "output_dir=alone"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    swept = load_file(next((tmp_path / "outputs").glob("*0.3")) / "model.safetensors")  # ran after 0.7
+    single = load_file(tmp_path / "alone" / "model.safetensors")
+    assert swept.keys() == single.keys() and all(torch.equal(swept[k], single[k]) for k in swept)
 
 
 @needs_wikitext
