@@ -87,11 +87,11 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def shard_plan(model: nn.Module, parts: list[list[str]], max_shard_size: str) -> list[tuple[int, list[str]]]:
+def shard_plan(state: dict[str, torch.Tensor], parts: list[list[str]], max_shard_size: str
+               ) -> list[tuple[int, list[str]]]:
     """[(rank, tensor names)] per output file, the same on every rank: rank r writes the
     prunable weights it owns (parts[r], module names); rank 0 also writes every other
     tensor. Files never exceed max_shard_size unless one tensor does."""
-    state = _unique_state_dict(model)
     limit = _size_bytes(max_shard_size)
     owned = {f"{name}.weight" for part in parts for name in part}
     plan = []
@@ -118,8 +118,8 @@ def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_siz
     safetensors files of its own layers; rank 0 writes the other tensors, the index,
     config, generation config and tokenizer."""
     parts = parts if parts is not None else [[]]
-    plan = shard_plan(model, parts, max_shard_size)
     state = _unique_state_dict(model)
+    plan = shard_plan(state, parts, max_shard_size)
     names = (["model.safetensors"] if len(plan) == 1 else
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     for (rank, keys), name in zip(plan, names, strict=True):

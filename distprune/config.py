@@ -11,9 +11,11 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-METHODS = ("magnitude", "wanda")
+from distprune.scores import SCORERS
+from distprune.select import SELECTORS
+
+METHODS = tuple(SCORERS)  # the registries own the names; the schema checks against them
 SCOPES = ("global", "layer", "row")
-SELECTORS = ("radix", "search", "sort")
 MODES = ("auto", "oneshot", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
