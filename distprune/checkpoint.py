@@ -16,8 +16,11 @@ from torch import nn
 
 from distprune.config import ConfigError
 from distprune.dist import SINGLE, Comm
+from distprune.models import tie_groups
 
 REPORT = "distprune_report.json"
+UMASK = os.umask(0o022)  # read it (umask can only be read by setting it)...
+os.umask(UMASK)  # ...and put it back
 
 
 def check_output(output_dir: str, overwrite: bool, input_dir: Path | None) -> Path:
@@ -77,14 +80,10 @@ def _size_bytes(text: str) -> int:
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without tied duplicates (lm_head tied to the embeddings): the first
-    name of each storage stays, as Hugging Face does; loading re-ties the rest."""
-    seen, out = set(), {}
-    for key, t in model.state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ident not in seen:
-            seen.add(ident)
-            out[key] = t
-    return out
+    name of each tensor stays, as Hugging Face does; loading re-ties the rest. Tensors
+    this rank did not load stay on the meta device: only their size is used."""
+    first = {group[0] for group in tie_groups(model)}
+    return {k: t for k, t in model.state_dict().items() if k in first}
 
 
 def shard_plan(state: dict[str, torch.Tensor], parts: list[list[str]], max_shard_size: str
@@ -126,6 +125,7 @@ def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_siz
         if rank == comm.rank:
             save_file({k: state[k].detach().contiguous().cpu() for k in keys}, directory / name,
                       metadata={"format": "pt"})
+            os.chmod(directory / name, 0o666 & ~UMASK)  # safetensors creates 0600; the JSON files get the umask
     if not comm.is_main:
         return
     if len(plan) > 1:

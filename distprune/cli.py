@@ -64,11 +64,30 @@ def evaluate_ppl(cfg: Config, model, windows: torch.Tensor, device: str, comm: C
     return perplexity(model, windows, cfg.eval.batch_size, comm=comm)
 
 
+def load_model(cfg: Config, comm: Comm, sweep: models.SweepModels | None) -> tuple[models.LoadedModel, dict]:
+    """The model, and how it was loaded. With several ranks, a magnitude job that evaluates
+    nothing reads only this rank's layers from a safetensors checkpoint (rank 0 also the
+    tensors that are never pruned, to save them); wanda calibrates data-parallel and
+    evaluation runs the whole model, so every rank loads it in full. A sweep reuses the
+    model of its previous job with the dense weights restored."""
+    if sweep is not None:
+        loaded, reused = sweep.get(cfg.model)
+        return loaded, {"mode": "reused" if reused else "full"}
+    if comm.world_size > 1 and not SCORERS[cfg.prune.method].needs_stats and not cfg.eval.source:
+        shard = models.load_shard(cfg.model, lambda model: models.shard_keys(
+            model, cfg.prune.include, cfg.prune.exclude, comm.rank, comm.world_size, comm.is_main and cfg.save))
+        if shard is not None:
+            loaded, nbytes = shard
+            return loaded, {"mode": "shard", "bytes_per_rank": comm.all_gather_ints(nbytes)}
+    return models.load(cfg.model, "cpu"), {"mode": "full"}
+
+
 def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: str, comm: Comm) -> PruneResult:
     """Prune in place: magnitude directly, wanda after block-wise calibration. This rank
     prunes ``own``, its shard of ``layers``."""
     if not SCORERS[cfg.prune.method].needs_stats:
-        loaded.model.to(device)
+        for layer in own:  # only these weights: the rest may be on the meta device (a shard load)
+            layer.module.weight.data = layer.module.weight.data.to(device)
         return prune(loaded.model, cfg.prune, layers=own, comm=comm)
 
     def windows():
@@ -120,11 +139,11 @@ def run(cfg: Config, comm: Comm = SINGLE, sweep: models.SweepModels | None = Non
     seconds: dict[str, float] = {}
 
     with phase(seconds, "load"):
-        loaded, reused = sweep.get(cfg.model) if sweep else (models.load(cfg.model, "cpu"), False)
+        loaded, how = load_model(cfg, comm, sweep)
         layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude)
         parts = models.partition(layers, comm.world_size)
-    log.info("load: %s from %s%s in %.1fs", models.describe(loaded.model, layers), loaded.source,
-             " (reused from the previous job, dense weights restored)" if reused else "", seconds["load"])
+    log.info("load: %s from %s (%s) in %.1fs", models.describe(loaded.model, layers), loaded.source, how["mode"],
+             seconds["load"])
     if comm.world_size > 1:
         log.info("ranks: %d, layers per rank %s", comm.world_size, [len(p) for p in parts])
 
@@ -136,7 +155,9 @@ def run(cfg: Config, comm: Comm = SINGLE, sweep: models.SweepModels | None = Non
             ppl["dense"] = evaluate_ppl(cfg, loaded.model, windows, device, comm)
         log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source, seconds["eval_dense"])
 
+    sent = comm.bytes_communicated  # a sweep's jobs share one comm
     result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm)
+    sent = comm.bytes_communicated - sent
     gather_layers(result, comm)
     if result.mode:
         seconds["statistics"] = round(result.stats_seconds, 4)
@@ -156,17 +177,21 @@ def run(cfg: Config, comm: Comm = SINGLE, sweep: models.SweepModels | None = Non
         log.info("eval: pruned perplexity %.3f (dense %s) in %.1fs", ppl["pruned"],
                  f"{ppl['dense']:.3f}" if "dense" in ppl else "not evaluated", seconds["eval"])
 
+    # peak resident memory of each rank's process so far (a sweep: over its jobs so far)
+    rss = comm.all_gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     report = {
         "model": loaded.source,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "device": device,
         "world_size": comm.world_size,
-        "model_reused": reused,
-        "selection_bytes_per_rank": comm.bytes_communicated,
+        "model_reused": how["mode"] == "reused",
+        "load": how,
+        "selection_bytes_per_rank": sent,  # statistics (a cache miss) and selection collectives
         **summary,
         "perplexity": ppl or None,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # this process so far
+        "peak_rss_gib": max(rss),
+        "peak_rss_gib_per_rank": rss,
         "seconds": seconds,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }

@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +163,114 @@ def _from_pretrained(path: str, dtype, gguf_file: str | None = None) -> LoadedMo
         log.warning("no tokenizer with %s (%s); the output will have none", source, str(e).splitlines()[0])
         tokenizer = None
     return LoadedModel(model, tokenizer, source)
+
+
+def safetensors_dir(cfg: ModelConfig) -> Path | None:
+    """The local safetensors checkpoint directory that cfg names, if it is one."""
+    if cfg.random is not None:
+        return None
+    d = builtin_dir(cfg.name) if cfg.path is None else Path(cfg.path).expanduser()
+    found = d.is_dir() and any((d / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+    return d if found else None
+
+
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict names grouped by the tensor they name (tied weights share one group),
+    in module order."""
+    groups: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(t), []).append(name)
+    keys = set(model.state_dict())
+    return [[n for n in names if n in keys] for names in groups.values() if any(n in keys for n in names)]
+
+
+def load_shard(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> tuple[LoadedModel, int] | None:
+    """The model of a local safetensors checkpoint with only the tensors that
+    ``wanted(model)`` names read from disk; every other tensor stays on the meta device
+    (shape and dtype, no memory). Returns (model, bytes read), or None when the
+    checkpoint's tensor names are not the model's (a layout that from_pretrained
+    converts): load it in full then."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    directory = safetensors_dir(cfg)
+    if directory is None:
+        return None
+    config = AutoConfig.from_pretrained(directory)
+    _check_causal(config, str(directory))
+    index = directory / "model.safetensors.index.json"
+    files = (sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+             if index.is_file() else [directory / "model.safetensors"])
+    where = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            where.update(dict.fromkeys(h.keys(), f))
+    dtype = TORCH_DTYPES.get(cfg.dtype) or getattr(config, "dtype", None) or _first_float_dtype(where)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    groups = tie_groups(model)
+    stored = {g[0]: next((n for n in g if n in where), None) for g in groups}
+    if any(v is None for v in stored.values()):
+        log.info("%s: tensor names differ from the model's; loading it in full", directory)
+        return None
+    want = wanted(model)
+    slots = {}  # state-dict name -> (module, attribute)
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        for attr in [*m._parameters, *m._buffers]:
+            slots[f"{prefix}.{attr}" if prefix else attr] = (m, attr)
+    read = 0
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, "pt")) for f in files}
+        for group in groups:
+            if want.intersection(group):
+                key = stored[group[0]]
+                read += _materialize(slots, group, handles[where[key]].get_tensor(key), directory)
+    gen = directory / "generation_config.json"
+    if gen.is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        tokenizer = None
+    return LoadedModel(model.eval(), tokenizer, str(directory)), read
+
+
+def _materialize(slots: dict, group: list[str], t: torch.Tensor, directory: Path) -> int:
+    """Put t in place of the meta tensor that every name of group (tied names) holds;
+    returns its bytes."""
+    ref = getattr(*slots[group[0]])
+    if tuple(t.shape) != tuple(ref.shape):
+        raise ConfigError(f"{directory}: tensor {group[0]} has shape {tuple(t.shape)}, the config says "
+                          f"{tuple(ref.shape)}")
+    t = t.to(ref.dtype)
+    new = nn.Parameter(t, requires_grad=False) if isinstance(ref, nn.Parameter) else t
+    for name in group:
+        m, attr = slots[name]
+        (m._parameters if attr in m._parameters else m._buffers)[attr] = new
+    return t.numel() * t.element_size()
+
+
+def shard_keys(model: nn.Module, include, exclude, rank: int, world_size: int, rest: bool) -> set[str]:
+    """State-dict names a rank needs: the weights of its layers, and with ``rest`` every
+    tensor that is not a prunable weight (rank 0 saves those)."""
+    layers = prunable_layers(model, include, exclude)
+    keys = {f"{layer.name}.weight" for layer in partition(layers, world_size)[rank]}
+    if rest:
+        keys |= set(model.state_dict()) - {f"{layer.name}.weight" for layer in layers}
+    return keys
+
+
+def _first_float_dtype(where: dict) -> torch.dtype:
+    from safetensors import safe_open
+
+    for key, f in where.items():
+        with safe_open(f, "pt") as h:
+            t = h.get_slice(key)
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
+        if dtype is not None:
+            return dtype
+    return torch.float32
 
 
 def builtin_dir(name: str) -> Path:

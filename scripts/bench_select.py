@@ -288,11 +288,16 @@ def machine(device: str) -> str:
 def write_section(path: Path, args, n: int, table: str, axis: str = "methods") -> None:
     """Replace (or append) this configuration's section of the benchmarks file."""
     key = f"bench_select {args.shapes} blocks={args.blocks} device={args.device} {axis}"
-    command = "python " + " ".join([sys.argv[0], *[a for a in sys.argv[1:]]])
-    section = (f"<!-- {key} -->\n### Selection{', ' + axis if axis != 'methods' else ''}: {args.shapes} shapes"
-               f"{f', first {args.blocks} blocks' if args.blocks else ''}, {n / 1e6:.0f}M bf16 weights, "
-               f"sparsity {args.sparsity}, {args.device}\n\n"
-               f"{date.today().isoformat()}, {machine(args.device)}, median of {args.repeat}.\n\n"
+    replace_section(path, key, f"Selection{', ' + axis if axis != 'methods' else ''}: {args.shapes} shapes"
+                    f"{f', first {args.blocks} blocks' if args.blocks else ''}, {n / 1e6:.0f}M bf16 weights, "
+                    f"sparsity {args.sparsity}, {args.device}", machine(args.device), args.repeat, table)
+
+
+def replace_section(path: Path, key: str, title: str, where: str, repeat: int, table: str) -> None:
+    """Replace (or append) the section marked ``key`` of a markdown file: title, date,
+    machine, the command that was run and its table."""
+    command = "python " + " ".join(sys.argv)
+    section = (f"<!-- {key} -->\n### {title}\n\n{date.today().isoformat()}, {where}, median of {repeat}.\n\n"
                f"`{command}`\n\n{table}\n<!-- end {key} -->\n")
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- end {re.escape(key)} -->\n", re.S)

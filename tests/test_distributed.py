@@ -142,3 +142,51 @@ def test_bad_input_on_one_rank_ends_all(tmp_path):
     assert p.returncode != 0
     assert "non-finite (NaN or Inf) importance scores in layer model.layers.1.mlp.down_proj" in p.stderr
     assert list(out.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def shard_runs(tmp_path_factory):
+    """Magnitude, global scope, from a saved checkpoint: one process loads it in full,
+    3 ranks each read only their own layers (rank 0 also the never-pruned tensors)."""
+    from conftest import TINY
+
+    from distprune.config import ModelConfig
+    from distprune.models import load
+
+    root = tmp_path_factory.mktemp("shard")
+    done = {}
+    for arch in ("llama", "gpt2"):  # gpt2: tied lm_head, Conv1D, biases
+        ckpt = root / f"ckpt-{arch}"
+        load(ModelConfig(random=dict(TINY[arch]), dtype="bfloat16")).model.save_pretrained(ckpt)
+        for ranks, save in ((1, "true"), (3, "true"), (3, "false")):
+            out = root / f"{arch}-ws{ranks}-save{save}"
+            cmd = ([sys.executable] if ranks == 1 else
+                   [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)])
+            p = subprocess.run([*cmd, "-m", "distprune", "model=hf", f"model.path={ckpt}", "prune.method=magnitude",
+                                "prune.scope=global", f"save={save}", f"output_dir={out}"],
+                               cwd=root, capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0, p.stderr[-3000:]
+            done[arch, ranks, save] = out
+        done[arch] = ckpt
+    return done
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shard_load_reads_own_layers_and_saves_the_same_model(shard_runs, arch):
+    one, three = shard_runs[arch, 1, "true"], shard_runs[arch, 3, "true"]
+    ref, got = tensors(one), tensors(three)
+    assert ref.keys() == got.keys() and len(ref) > 10
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
+    for name in ("config.json", "generation_config.json"):
+        assert (one / name).read_text() == (three / name).read_text()
+    a, b = (json.loads((d / "distprune_report.json").read_text()) for d in (one, three))
+    assert a["load"] == {"mode": "full"} and b["load"]["mode"] == "shard"
+    assert a["layers"] == b["layers"] and a["dtype"] == b["dtype"] == "bfloat16"
+    # every tensor read exactly once over the ranks: the checkpoint's bytes, no rank all of them
+    total = sum(t.numel() * t.element_size() for t in tensors(shard_runs[arch]).values())
+    per_rank = b["load"]["bytes_per_rank"]
+    assert sum(per_rank) == total and max(per_rank) < total
+    # save=false: no rank reads a tensor it does not prune
+    c = json.loads((shard_runs[arch, 3, "false"] / "distprune_report.json").read_text())
+    assert sum(c["load"]["bytes_per_rank"]) == 2 * c["prunable_weights"]

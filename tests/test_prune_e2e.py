@@ -1,6 +1,7 @@
 """End to end on tiny random models: prune, save, load back, generate, count zeros."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,27 @@ def test_sharded_save_loads(tiny):
     _, _, pruned = dense_and_pruned(cfg)
     assert (Path(cfg.output_dir) / "model.safetensors.index.json").is_file()
     assert sum(int((p == 0).sum()) for p in pruned.parameters()) > 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(cfg.output_dir).iterdir():  # readable as the umask says, like the JSON files
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def test_load_shard_reads_only_what_is_wanted(tiny_checkpoint):
+    """Unread tensors stay on the meta device; tied names get one tensor; a checkpoint
+    whose tensor names the model renames on load (gpt_neox embed_out) is not shard-loaded."""
+    from distprune.config import ModelConfig
+    from distprune.models import load_shard
+
+    directory = tiny_checkpoint("gpt2")
+    full = load(ModelConfig(path=str(directory))).model.state_dict()
+    want = {"transformer.wte.weight", "transformer.h.1.mlp.c_fc.weight"}
+    loaded, nbytes = load_shard(ModelConfig(path=str(directory)), lambda model: want)
+    model = loaded.model
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    state = model.state_dict()
+    assert {k for k, t in state.items() if not t.is_meta} == want | {"lm_head.weight"}
+    for k in want:
+        assert torch.equal(state[k], full[k])
+    assert nbytes == sum(full[k].numel() * full[k].element_size() for k in want)
+    assert load_shard(ModelConfig(path=str(tiny_checkpoint("gpt_neox"))), lambda model: want) is None
