@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -13,10 +15,11 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distprune import checkpoint, data, dist, models, stats
+from distprune import checkpoint, data, dist, models, stats, summarize
 from distprune.api import PruneResult, calibrate_and_prune, prune
 from distprune.config import Config, ConfigError, register_configs
 from distprune.dist import SINGLE, Comm
@@ -151,11 +154,19 @@ def run(cfg: Config, comm: Comm = SINGLE, sweep: models.SweepModels | None = Non
     if cfg.eval.source:
         windows = eval_windows(cfg, loaded.tokenizer)
     if cfg.eval.source and cfg.eval.dense:
-        with phase(seconds, "eval_dense"):
-            ppl["dense"] = evaluate_ppl(cfg, loaded.model, windows, device, comm)
-        log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source, seconds["eval_dense"])
+        key = json.dumps([models.fingerprint(cfg.model), OmegaConf.to_container(OmegaConf.structured(cfg.eval))])
+        if sweep is not None and key in sweep.dense_perplexity:  # the same dense model, the same windows
+            ppl["dense"] = sweep.dense_perplexity[key]
+            log.info("eval: dense perplexity %.3f (from an earlier job of this sweep)", ppl["dense"])
+        else:
+            with phase(seconds, "eval_dense"):
+                ppl["dense"] = evaluate_ppl(cfg, loaded.model, windows, device, comm)
+            log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source,
+                     seconds["eval_dense"])
+            if sweep is not None:
+                sweep.dense_perplexity[key] = ppl["dense"]
 
-    sent = comm.bytes_communicated  # a sweep's jobs share one comm
+    sent = comm.bytes_communicated  # this phase only: loading gathers too
     result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm)
     sent = comm.bytes_communicated - sent
     gather_layers(result, comm)
@@ -220,13 +231,64 @@ def setup_logging(comm: Comm) -> None:
                         format=f"%(asctime)s %(name)s{tag} %(levelname)s: %(message)s")
 
 
+def sweep_job_dir(task_overrides: list[str], argv: list[str], num: int) -> str:
+    """A sweep job's directory name: the values this job takes of the keys the command line
+    sweeps over (``a,b``, ``range()``, ``choice()``), e.g. ``prune.method=wanda,prune.sparsity=0.5``.
+    Every rank computes the same name."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    swept = {o.key_or_group for o in parser.parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+             if o.is_sweep_override()}
+    parts = [f"{o.key_or_group}={o.get_value_element_as_str()}" for o in parser.parse_overrides(task_overrides)
+             if o.key_or_group in swept]
+    return ",".join(parts).replace("/", "_") or f"job{num}"
+
+
+# conf/config.yaml: hydra.sweep.subdir: ${distprune_job_dir:${hydra:overrides.task},${hydra:job.num}}
+OmegaConf.register_new_resolver("distprune_job_dir", lambda task, num: sweep_job_dir(list(task), sys.argv[1:], num),
+                                replace=True)
+# conf/model/hf.yaml: name: ${distprune_basename:${.path}}, e.g. Llama-2-7b-hf for meta-llama/Llama-2-7b-hf
+OmegaConf.register_new_resolver("distprune_basename", lambda path: Path(str(path).rstrip("/")).stem
+                                if str(path).endswith(".gguf") else Path(str(path).rstrip("/")).name, replace=True)
+JOB_PARENTS: list[Path] = []  # where this process's sweep jobs wrote, for the summary at its end
+
+
+class SweepEnd(Callback):
+    """At the end of a sweep rank 0 writes summary.csv/md/png into the directory that
+    holds the job directories (``distprune.summarize``); then the process group ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for parent in dict.fromkeys(JOB_PARENTS):
+                try:
+                    table = summarize.write(parent)
+                    log.info("summary: %d jobs in %s/summary.csv, summary.md%s", len(table), parent,
+                             ", summary.png" if (parent / "summary.png").exists() else "")
+                except FileNotFoundError as e:
+                    log.warning("no summary: %s", e)
+        dist.shutdown()
+
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        dist.shutdown()
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
     comm = dist.init()
     setup_logging(comm)
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
-        run(OmegaConf.to_object(dcfg), comm, SWEEP if multirun else None)
+        cfg = OmegaConf.to_object(dcfg)
+        if multirun:  # one directory per job under the sweep directory, unless output_dir says otherwise
+            if not any(o.split("=", 1)[0].lstrip("+~") == "output_dir" for o in hc.overrides.task):
+                cfg.output_dir = str(Path(hc.sweep.dir) / hc.sweep.subdir)
+            elif Path(hc.runtime.output_dir).resolve() != Path(cfg.output_dir).expanduser().resolve():
+                with contextlib.suppress(OSError):  # Hydra made it for this job, which writes elsewhere
+                    Path(hc.runtime.output_dir).rmdir()
+            JOB_PARENTS.append(Path(cfg.output_dir).expanduser().resolve().parent)
+        run(cfg, comm, SWEEP if multirun else None)
     except (ConfigError, NonFiniteScoreError) as e:
         log.error("%s", e)
         sys.exit(2)

@@ -71,7 +71,8 @@ class Comm:
         return sum(self.all_gather_ints(value)[: self.rank])
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate 1-D tensors of any length over ranks, in rank order (reference only)."""
+        """Concatenate 1-D tensors of any length over ranks, in rank order (the sort
+        selector's scores; evaluation's per-batch sums)."""
         if not self._dist:
             return t
         sizes = self.all_gather_ints(t.numel())
@@ -143,6 +144,9 @@ def device_of(comm: Comm, device: str) -> str:
     return device
 
 
-def shutdown(comm: Comm) -> None:
-    if comm._dist:
-        comm._dist.destroy_process_group()
+def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()

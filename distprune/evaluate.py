@@ -16,18 +16,19 @@ from distprune.progress import progress
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, show: bool = True,
                comm: Comm = SINGLE) -> float:
     """exp(mean next-token negative log-likelihood) over windows (count, seqlen); every
-    window is scored on its own, predicting tokens 2..seqlen. With several ranks each
-    scores its share of the windows and the sums are all-reduced."""
-    windows = torch.tensor_split(windows, comm.world_size)[comm.rank]
+    window is scored on its own, predicting tokens 2..seqlen.
+
+    The windows form the same batches whatever the number of ranks; each rank scores a
+    contiguous share of the batches, and the per-batch sums are gathered and added in
+    batch order, so the result does not depend on how many ranks computed it."""
+    batches = list(torch.split(windows, batch_size))
+    mine = torch.tensor_split(torch.arange(len(batches)), comm.world_size)[comm.rank].tolist()
     device = next(model.parameters()).device
-    nll = torch.zeros((), dtype=torch.float64)
-    tokens = 0
-    for start in progress(range(0, windows.shape[0], batch_size), "perplexity", "batch", show):
-        ids = windows[start:start + batch_size].to(device)
+    sums = torch.zeros(len(mine), dtype=torch.float64)
+    for j, i in enumerate(progress(mine, "perplexity", "batch", show)):
+        ids = batches[i].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, vocab)
-        targets = ids[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                               reduction="sum").double().cpu()
-        tokens += targets.numel()
-    totals = comm.all_reduce_sum(torch.stack([nll, torch.tensor(float(tokens), dtype=torch.float64)]))
-    return math.exp(float(totals[0]) / float(totals[1]))
+        sums[j] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                  reduction="sum").double().cpu()
+    nll = comm.all_gather_cat(sums).sum()  # batch order on every rank
+    return math.exp(float(nll) / (windows.shape[0] * (windows.shape[1] - 1)))

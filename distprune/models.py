@@ -305,6 +305,7 @@ class SweepModels:
         self.key: str | None = None
         self.loaded: LoadedModel | None = None
         self.dense: dict[str, torch.Tensor] = {}
+        self.dense_perplexity: dict[str, float] = {}  # (model, eval settings) -> perplexity of the dense model
 
     def get(self, cfg: ModelConfig) -> tuple[LoadedModel, bool]:
         """(the model, True when it was reused with its dense weights restored)."""

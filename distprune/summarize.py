@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
 from distprune.checkpoint import REPORT
 
+LINE_KEYS = ("model", "method", "scope", "mode", "selector")
 PHASES = ("load", "eval_dense", "statistics", "score+select", "mask", "eval", "save")
-COLUMNS = ("job", "method", "scope", "selector", "mode", "target_sparsity", "achieved_sparsity", "perplexity",
+COLUMNS = ("job", "model", "method", "scope", "selector", "mode", "target_sparsity", "achieved_sparsity", "perplexity",
            "dense_perplexity", *(f"{p}_s" for p in PHASES), "peak_rss_gib", "peak_gpu_gib", "world_size")
 
 
@@ -22,7 +24,8 @@ def rows(sweep_dir: Path) -> list[dict]:
         r = json.loads(path.read_text())
         ppl = r.get("perplexity") or {}
         out.append({
-            "job": path.parent.name, "method": r["method"], "scope": r["scope"], "selector": r["selector"],
+            "job": path.parent.name, "model": _model_name(r), "method": r["method"], "scope": r["scope"],
+            "selector": r["selector"],
             "mode": r.get("mode") or "-", "target_sparsity": r["target_sparsity"],
             "achieved_sparsity": round(r["achieved_sparsity"], 6), "perplexity": ppl.get("pruned"),
             "dense_perplexity": ppl.get("dense"),
@@ -30,7 +33,12 @@ def rows(sweep_dir: Path) -> list[dict]:
             "peak_rss_gib": r.get("peak_rss_gib"), "peak_gpu_gib": r.get("peak_gpu_gib"),
             "world_size": r["world_size"],
         })
-    return sorted(out, key=lambda x: (x["method"], x["scope"], x["target_sparsity"]))
+    return sorted(out, key=lambda x: (x["model"], x["method"], x["scope"], x["mode"], x["target_sparsity"]))
+
+
+def _model_name(report: dict) -> str:
+    """The model's name in the config (a preset, or the checkpoint's directory name)."""
+    return (report.get("config") or {}).get("model", {}).get("name") or Path(report["model"]).name
 
 
 def _cell(v) -> str:
@@ -57,7 +65,8 @@ def write(sweep_dir: Path) -> list[dict]:
 
 
 def plot(table: list[dict], path: Path) -> None:
-    """Perplexity against sparsity, one line per method and scope, dense as a reference."""
+    """Perplexity against sparsity: one line per combination of the settings that differ
+    between jobs, the settings they share in the title, dense perplexity as a reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,20 +74,29 @@ def plot(table: list[dict], path: Path) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
+    # one line per combination of the settings that differ between jobs (besides sparsity)
+    varying = [k for k in LINE_KEYS if len({r[k] for r in table}) > 1] or ["method"]
     groups: dict[str, list[tuple[float, float]]] = {}
     for r in table:
         if r["perplexity"] is not None:
-            groups.setdefault(f"{r['method']}, {r['scope']}", []).append((r["target_sparsity"], r["perplexity"]))
+            label = ", ".join(str(r[k]) for k in varying if r[k] != "-")  # magnitude has no mode
+            groups.setdefault(label, []).append((r["target_sparsity"], r["perplexity"]))
     for label, points in sorted(groups.items()):
         xs, ys = zip(*sorted(points), strict=True)
         ax.plot(xs, ys, marker="o", label=label)
-    dense = [r["dense_perplexity"] for r in table if r["dense_perplexity"] is not None]
-    if dense:
-        ax.axhline(dense[0], color="gray", linestyle="--", linewidth=1, label=f"dense ({dense[0]:.2f})")
+    dense = {r["model"]: r["dense_perplexity"] for r in table if r["dense_perplexity"] is not None}
+    for i, (model, value) in enumerate(sorted(dense.items())):
+        name = f"dense {model}" if len(dense) > 1 else "dense"
+        ax.axhline(value, color="gray", linestyle=("--", ":", "-.")[i % 3], linewidth=1, label=f"{name} ({value:.2f})")
+    same = [f"{r0[k]}" if k == "model" else f"{k} {r0[k]}" for r0 in table[:1] for k in LINE_KEYS if k not in varying]
+    ax.set_title(", ".join(same), fontsize=10)
     ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:.4g}")  # 26.1, not 2.61x10^1
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    low, high = ax.get_ylim()
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tick))
+    # minor ticks: every one when the axis spans about a decade, else only 2x and 5x
+    few = high / low < 12
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _pos: _tick(v) if few or round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 5) else ""))
     ax.set_xlabel("sparsity (fraction of decoder linear weights pruned)")
     ax.set_ylabel("perplexity (log scale)")
     ax.grid(True, which="both", alpha=0.3)
@@ -86,6 +104,11 @@ def plot(table: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _tick(v: float, _pos=None) -> str:
+    """26.1, 300, 20,000: plain numbers, not 2.61x10^1 or 2e+04."""
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
 def main() -> None:

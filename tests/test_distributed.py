@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -190,3 +191,21 @@ def test_shard_load_reads_own_layers_and_saves_the_same_model(shard_runs, arch):
     # save=false: no rank reads a tensor it does not prune
     c = json.loads((shard_runs[arch, 3, "false"] / "distprune_report.json").read_text())
     assert sum(c["load"]["bytes_per_rank"]) == 2 * c["prunable_weights"]
+
+
+def test_accelerate_launch(runs, tmp_path):
+    """`accelerate launch --multi_gpu` starts torchrun underneath: on a CPU machine the ranks
+    join with gloo and save what one process saves."""
+    out = tmp_path / "acc"
+    with socket.socket() as sock:  # a free port: port 0 makes torchrun's ranks wait forever
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                        "-m", "distprune", "model=tiny-llama", "model.dtype=bfloat16", "prune.method=magnitude",
+                        "prune.scope=global", f"output_dir={out}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "distprune_report.json").read_text())["world_size"] == 2
+    ref, got = tensors(runs[1][0] / "magnitude-global"), tensors(out)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

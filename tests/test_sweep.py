@@ -1,0 +1,104 @@
+"""Hydra sweeps, one process and two ranks: one directory per job under one sweep
+directory, work shared across jobs, the same numbers from both launches, the summary."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY, WIKI_TEST, WIKI_VALID, needs_wikitext, word_tokenizer
+
+from distprune.config import ModelConfig
+from distprune.models import load
+
+pytestmark = needs_wikitext
+JOBS = {f"prune.method={m},prune.sparsity={s}" for m in ("magnitude", "wanda") for s in (0.3, 0.6)}
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory):
+    """The same 2 x 2 sweep (global scope: the 2-rank run selects with collectives), once
+    per world size, each with its own statistics cache."""
+    root = tmp_path_factory.mktemp("sweep")
+    ckpt = root / "tiny-ckpt"
+    load(ModelConfig(random=dict(TINY["llama"]))).model.save_pretrained(ckpt)
+    word_tokenizer(WIKI_VALID.read_text()[:100000]).save_pretrained(ckpt)
+    done = {}
+    for ranks in (1, 2):
+        cwd = root / f"ws{ranks}"
+        cwd.mkdir()
+        launcher = ([sys.executable] if ranks == 1 else
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)])
+        p = subprocess.run([*launcher, "-m", "distprune", "-m", "model=hf", f"model.path={ckpt}",
+                            "prune.method=magnitude,wanda", "prune.sparsity=0.3,0.6", "prune.scope=global",
+                            "prune.mode=oneshot", f"calib.source={WIKI_VALID}", "calib.nsamples=4", "calib.seqlen=32",
+                            f"eval.source={WIKI_TEST}", "eval.seqlen=32", "eval.max_windows=4", "save=false"],
+                           cwd=cwd, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "DISTPRUNE_CACHE": str(root / f"cache{ranks}")})
+        assert p.returncode == 0, p.stderr[-3000:]
+        sweep_dir = cwd / "sweeps" / "tiny-ckpt"  # sweeps/<model.name>; model=hf names it after the directory
+        reports = {d.name: json.loads((d / "distprune_report.json").read_text())
+                   for d in sweep_dir.iterdir() if d.is_dir()}
+        done[ranks] = sweep_dir, reports, p.stderr
+    return done
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_one_directory_per_job_under_the_sweep_directory(sweeps, ranks):
+    sweep_dir, reports, _ = sweeps[ranks]
+    assert set(reports) == JOBS  # named by the swept values; no per-rank or numbered directories
+    assert {p.name for p in sweep_dir.iterdir() if p.is_file()} == {
+        "multirun.yaml", "summary.csv", "summary.md", "summary.png"}
+    for name, r in reports.items():
+        assert r["world_size"] == ranks
+        assert f"prune.method={r['method']},prune.sparsity={r['target_sparsity']}" == name
+        assert not (sweep_dir / name / "model.safetensors").exists()  # save=false: the report only
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_work_is_shared_across_jobs(sweeps, ranks):
+    """The model is loaded once, wanda's statistics computed once, the dense model evaluated once."""
+    _, reports, stderr = sweeps[ranks]
+    assert sorted(r["load"]["mode"] for r in reports.values()) == ["full", "reused", "reused", "reused"]
+    assert sorted(r["stats_cache"] for r in reports.values() if r["method"] == "wanda") == ["hit", "miss"]
+    assert stderr.count("cache miss") == 1
+    assert sorted("eval_dense" in r["seconds"] for r in reports.values()) == [False, False, False, True]
+    assert len({r["perplexity"]["dense"] for r in reports.values()}) == 1
+
+
+def test_one_process_and_two_ranks_give_the_same_numbers(sweeps):
+    one, two = sweeps[1][1], sweeps[2][1]
+    for job in JOBS:
+        a, b = one[job], two[job]
+        assert a["layers"] == b["layers"] and a["threshold"] == b["threshold"], job
+        assert a["pruned_weights"] == b["pruned_weights"] and a["achieved_sparsity"] == b["achieved_sparsity"]
+        assert a["perplexity"] == b["perplexity"], job  # the same batches, summed in the same order
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_summary_at_the_end_and_rebuilt(sweeps, ranks):
+    sweep_dir, reports, _ = sweeps[ranks]
+    with open(sweep_dir / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["method"], float(r["target_sparsity"])) for r in table] == [
+        ("magnitude", 0.3), ("magnitude", 0.6), ("wanda", 0.3), ("wanda", 0.6)]
+    assert {r["job"] for r in table} == JOBS and all(r["world_size"] == str(ranks) for r in table)
+    for r in table:
+        assert float(r["perplexity"]) == pytest.approx(reports[r["job"]]["perplexity"]["pruned"], rel=1e-4)
+    assert (sweep_dir / "summary.md").read_text().count("\n") == 2 + len(JOBS)
+    assert (sweep_dir / "summary.png").stat().st_size > 10000
+    # an interrupted sweep gets its summary from the reports alone: the same table
+    written = (sweep_dir / "summary.csv").read_text()
+    (sweep_dir / "summary.csv").unlink()
+    s = subprocess.run([sys.executable, "-m", "distprune.summarize", str(sweep_dir)], capture_output=True, text=True,
+                       timeout=120)
+    assert s.returncode == 0, s.stderr
+    assert (sweep_dir / "summary.csv").read_text() == written
+
+
+def test_summarize_without_reports_fails(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "distprune.summarize", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "no distprune_report.json" in p.stderr
