@@ -231,26 +231,47 @@ def setup_logging(comm: Comm) -> None:
                         format=f"%(asctime)s %(name)s{tag} %(levelname)s: %(message)s")
 
 
-def sweep_job_dir(task_overrides: list[str], argv: list[str], num: int) -> str:
-    """A sweep job's directory name: the values this job takes of the keys the command line
-    sweeps over (``a,b``, ``range()``, ``choice()``), e.g. ``prune.method=wanda,prune.sparsity=0.5``.
-    Every rank computes the same name."""
+def _sweep_overrides(argv: list[str]) -> list:
+    """The command line's sweep overrides (``a,b``, ``range()``, ``choice()``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
-    swept = {o.key_or_group for o in parser.parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
-             if o.is_sweep_override()}
-    parts = [f"{o.key_or_group}={o.get_value_element_as_str()}" for o in parser.parse_overrides(task_overrides)
-             if o.key_or_group in swept]
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    return [o for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
+
+
+def sweep_job_dir(task_overrides: list[str], argv: list[str], num: int) -> str:
+    """A sweep job's directory name: the values this job takes of the keys the command line
+    sweeps over, e.g. ``prune.method=wanda,prune.sparsity=0.5``. Every rank computes the same."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept = {o.key_or_group for o in _sweep_overrides(argv)}
+    parts = [f"{o.key_or_group}={o.get_value_element_as_str()}"
+             for o in OverridesParser.create().parse_overrides(task_overrides) if o.key_or_group in swept]
     return ",".join(parts).replace("/", "_") or f"job{num}"
 
 
-# conf/config.yaml: hydra.sweep.subdir: ${distprune_job_dir:${hydra:overrides.task},${hydra:job.num}}
+def sweep_name(model_name: str, argv: list[str]) -> str:
+    """The sweep directory's name: the model's name, or the swept models' names joined by
+    '+' when the command line sweeps over models: the same for every job and rank."""
+    names = [basename(v) for o in _sweep_overrides(argv) if o.key_or_group in ("model", "model.name", "model.path")
+             for v in o.sweep_string_iterator()]
+    joined = "+".join(dict.fromkeys(names))
+    return model_name if not names else joined if len(joined) <= 100 else f"{len(names)}-models"
+
+
+def basename(path: str) -> str:
+    """meta-llama/Llama-2-7b-hf -> Llama-2-7b-hf; /models/x.gguf -> x."""
+    p = Path(str(path).rstrip("/"))
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
+# conf/config.yaml: hydra.sweep.dir: sweeps/${distprune_sweep_name:${model.name}} and
+# hydra.sweep.subdir: ${distprune_job_dir:${hydra:overrides.task},${hydra:job.num}}
+OmegaConf.register_new_resolver("distprune_sweep_name", lambda name: sweep_name(name, sys.argv[1:]), replace=True)
 OmegaConf.register_new_resolver("distprune_job_dir", lambda task, num: sweep_job_dir(list(task), sys.argv[1:], num),
                                 replace=True)
 # conf/model/hf.yaml: name: ${distprune_basename:${.path}}, e.g. Llama-2-7b-hf for meta-llama/Llama-2-7b-hf
-OmegaConf.register_new_resolver("distprune_basename", lambda path: Path(str(path).rstrip("/")).stem
-                                if str(path).endswith(".gguf") else Path(str(path).rstrip("/")).name, replace=True)
+OmegaConf.register_new_resolver("distprune_basename", basename, replace=True)
 JOB_PARENTS: list[Path] = []  # where this process's sweep jobs wrote, for the summary at its end
 
 

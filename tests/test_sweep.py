@@ -102,3 +102,14 @@ def test_summarize_without_reports_fails(tmp_path):
     p = subprocess.run([sys.executable, "-m", "distprune.summarize", str(tmp_path)], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode != 0 and "no distprune_report.json" in p.stderr
+
+
+def test_sweep_and_job_names_come_from_the_command_line():
+    from distprune.cli import sweep_job_dir, sweep_name
+
+    argv = ["-m", "model=hf", "model.path=/m/a,/m/b.gguf", "prune.sparsity=0.3,0.5", "save=false"]
+    assert sweep_name("ignored", argv) == "a+b"  # the same for every job: not the job's own model
+    assert sweep_name("smollm2-135m", ["-m", "prune.sparsity=0.3,0.5"]) == "smollm2-135m"
+    job = ["model=hf", "model.path=/m/a", "prune.sparsity=0.5", "save=false"]
+    assert sweep_job_dir(job, argv, 3) == "model.path=_m_a,prune.sparsity=0.5"  # swept keys only
+    assert sweep_job_dir(["save=false"], ["-m", "save=false"], 3) == "job3"  # nothing swept
