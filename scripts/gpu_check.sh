@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One prepared check for a machine with one NVIDIA GPU, torch/transformers/accelerate/
 # safetensors installed and no network (Hydra and the rest travel as wheels in .whl/).
+# Prepare here (pure-Python wheels, any Python 3 platform; hypothesis ships compiled wheels,
+# so tests/test_select.py needs it on the machine), then run it with carry [".whl"]:
+#   pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
+#       pytest pluggy iniconfig
 # Under 8 minutes on an H100/H200: the test suite, bench_select at Llama-2-7B shapes, and an
 # end-to-end oneshot Wanda prune of a random-weight 7B Llama with 128 x 2048 calibration
 # tokens. Everything it prints also lands in $OUT (or ./gpu_check_out).
@@ -18,7 +22,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 
 echo "== tests (device auto: cuda where the code picks it) =="
-timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -5 | tee "$OUT/tests.txt"
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -5 | tee "$OUT/tests.txt"
 
 echo "== radix vs sort on CUDA scores: identical masks =="
 timeout 60 python3 - <<'PY' 2>&1 | tee "$OUT/cuda_select.txt"
