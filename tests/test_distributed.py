@@ -159,6 +159,7 @@ def shard_runs(tmp_path_factory):
     for arch in ("llama", "gpt2"):  # gpt2: tied lm_head, Conv1D, biases
         ckpt = root / f"ckpt-{arch}"
         load(ModelConfig(random=dict(TINY[arch]), dtype="bfloat16")).model.save_pretrained(ckpt)
+        before = {f.name: f.read_bytes() for f in ckpt.iterdir()}
         for ranks, save in ((1, "true"), (3, "true"), (3, "false")):
             out = root / f"{arch}-ws{ranks}-save{save}"
             cmd = ([sys.executable] if ranks == 1 else
@@ -168,6 +169,7 @@ def shard_runs(tmp_path_factory):
                                cwd=root, capture_output=True, text=True, timeout=300)
             assert p.returncode == 0, p.stderr[-3000:]
             done[arch, ranks, save] = out
+            assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before  # the input is never modified
         done[arch] = ckpt
     return done
 
