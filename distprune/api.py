@@ -12,7 +12,7 @@ from torch import nn
 
 from distprune import stats
 from distprune.config import ConfigError, PruneConfig
-from distprune.dist import SINGLE, Comm
+from distprune.dist import SINGLE, Comm, batch_share
 from distprune.masks import GroupsResult, prune_groups
 from distprune.models import PrunableLayer, prunable_layers
 from distprune.scores import SCORERS
@@ -108,7 +108,10 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     layers = layers if layers is not None else prunable_layers(model, config.include, config.exclude)
     own = own if own is not None else layers
     mode = config.resolved_mode
-    mine = lambda: torch.tensor_split(windows(), comm.world_size)[comm.rank]  # this rank's share
+    def mine() -> torch.Tensor:  # this rank's share, in whole batches
+        w = windows()
+        return w[batch_share(w.shape[0], batch_size, comm)]
+
     t0 = time.perf_counter()
     if mode == "sequential":
         groups = GroupsResult([])

@@ -118,6 +118,16 @@ class Comm:
 SINGLE = Comm()  # one process: every collective is the identity
 
 
+def batch_share(count: int, batch_size: int, comm: Comm = SINGLE) -> slice:
+    """This rank's contiguous share of ``count`` items (calibration or evaluation windows)
+    in whole batches of ``batch_size``: every batch is the one a single process forms, so
+    per-batch results are the same whatever the number of ranks."""
+    batches = torch.tensor_split(torch.arange(-(-count // batch_size)), comm.world_size)[comm.rank]
+    if batches.numel() == 0:
+        return slice(0, 0)
+    return slice(int(batches[0]) * batch_size, min((int(batches[-1]) + 1) * batch_size, count))
+
+
 def init(timeout_s: float = 600.0) -> Comm:
     """Join the process group that torchrun / accelerate launch announced in the
     environment (WORLD_SIZE > 1): NCCL when each rank has a GPU, gloo otherwise. A plain

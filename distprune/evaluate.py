@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distprune.dist import SINGLE, Comm
+from distprune.dist import SINGLE, Comm, batch_share
 from distprune.progress import progress
 
 
@@ -21,12 +21,12 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, sho
     The windows form the same batches whatever the number of ranks; each rank scores a
     contiguous share of the batches, and the per-batch sums are gathered and added in
     batch order, so the result does not depend on how many ranks computed it."""
-    batches = list(torch.split(windows, batch_size))
-    mine = torch.tensor_split(torch.arange(len(batches)), comm.world_size)[comm.rank].tolist()
+    mine = windows[batch_share(windows.shape[0], batch_size, comm)]
     device = next(model.parameters()).device
-    sums = torch.zeros(len(mine), dtype=torch.float64)
-    for j, i in enumerate(progress(mine, "perplexity", "batch", show)):
-        ids = batches[i].to(device)
+    sums = torch.zeros(-(-mine.shape[0] // batch_size), dtype=torch.float64)
+    batches = torch.split(mine, batch_size) if mine.shape[0] else ()  # a rank may get none
+    for j, batch in enumerate(progress(batches, "perplexity", "batch", show)):
+        ids = batch.to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, vocab)
         sums[j] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                                   reduction="sum").double().cpu()

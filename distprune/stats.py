@@ -42,11 +42,32 @@ class LayerStats:
         """Wanda's per-input-channel activation norm, sqrt(sumsq / count), float64."""
         return (self.sumsq / max(self.count, 1)).sqrt()
 
-    def add_(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, in)
-        self.sumsq += (x * x).sum(0).to(self.sumsq.device)
-        self.sum += x.sum(0).to(self.sum.device)
-        self.count += x.shape[0]
+
+
+def batch_stats(x: torch.Tensor) -> torch.Tensor:
+    """One batch's statistics of a layer's input x (..., in): [sum of x^2, sum of x, token
+    count], float64, shape (2 * in + 1,)."""
+    x = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, in)
+    count = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
+    return torch.cat([(x * x).sum(0), x.sum(0), count])
+
+
+def merge(stats: list[LayerStats], partials: list[list[torch.Tensor]], comm: Comm = SINGLE) -> None:
+    """Add per-batch statistics (``partials[l][b]``: layer l, this rank's batch b) into
+    ``stats``, in place, one batch at a time in global batch order: the ranks' batches are
+    gathered in rank order, which is batch order, so every rank adds exactly what one
+    process adds, in the same order, and the sums do not depend on the number of ranks."""
+    if not stats:
+        return
+    widths = [2 * st.sumsq.numel() + 1 for st in stats]
+    rows = [torch.cat([p[b].cpu() for p in partials]) for b in range(len(partials[0]))]
+    local = torch.stack(rows) if rows else torch.zeros(0, sum(widths), dtype=torch.float64)
+    for row in comm.all_gather_cat(local.reshape(-1)).reshape(-1, sum(widths)):
+        for st, part in zip(stats, row.split(widths), strict=True):
+            c = st.sumsq.numel()
+            st.sumsq += part[:c]
+            st.sum += part[c:2 * c]
+            st.count += int(part[2 * c])
 
 
 class _Stop(Exception):
@@ -99,22 +120,6 @@ def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
     return outputs
 
 
-def all_reduce(stats: list[LayerStats], comm: Comm) -> None:
-    """Sum statistics over ranks (data parallel), in one collective, in place."""
-    if comm.world_size == 1 or not stats:
-        return
-    flat = torch.cat([torch.cat([st.sumsq, st.sum, torch.tensor([float(st.count)], dtype=torch.float64)])
-                      for st in stats])
-    comm.all_reduce_sum(flat)
-    at = 0
-    for st in stats:
-        width = st.sumsq.numel()
-        st.sumsq.copy_(flat[at:at + width])
-        st.sum.copy_(flat[at + width:at + 2 * width])
-        st.count = int(flat[at + 2 * width])
-        at += 2 * width + 1
-
-
 @torch.no_grad()
 def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor, device,
             mode: str = "oneshot", on_block: Callable[[int, list[PrunableLayer], dict], None] | None = None,
@@ -122,8 +127,9 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
     """Per-layer input statistics of ``layers`` over ``windows`` (samples, seqlen), one
     decoder block on ``device`` at a time. In sequential mode ``on_block(i, block_layers,
     stats)`` prunes block i before its outputs are recomputed. With several ranks, each
-    passes its own share of the windows and the statistics are all-reduced block by block,
-    so every rank ends with the statistics of all samples."""
+    passes its share of the windows in whole batches (``dist.batch_share``) and the
+    per-batch statistics are gathered block by block and added in batch order, so every
+    rank ends with the statistics of all samples, bit for bit those of one process."""
     if mode not in ("oneshot", "sequential"):
         raise ValueError(f"unknown calibration mode {mode!r}")
     blocks = decoder_blocks(model)
@@ -140,14 +146,16 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
             break
         home = next(block.parameters()).device
         block.to(device)
+        partials: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in by_block.get(i, [])}
         handles = [layer.module.register_forward_hook(
-            lambda _m, args, _out, st=stats[layer.name]: st.add_(args[0])) for layer in by_block.get(i, [])]
+            lambda _m, args, _out, p=partials[layer.name]: p.append(batch_stats(args[0])))
+            for layer in by_block.get(i, [])]
         try:
             outputs = _run_block(block, inputs)
         finally:
             for h in handles:
                 h.remove()
-        all_reduce([stats[layer.name] for layer in by_block.get(i, [])], comm)
+        merge([stats[name] for name in partials], list(partials.values()), comm)
         if mode == "sequential" and by_block.get(i):
             on_block(i, by_block[i], stats)
             outputs = _run_block(block, inputs)  # block i's outputs with its pruned weights

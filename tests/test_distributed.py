@@ -21,12 +21,12 @@ JOBS = ["prune.method=magnitude,wanda", "prune.scope=global,layer,row", "prune.m
 
 
 def launch(ranks: int, out: Path, *args: str, script: list[str] | None = None, env: dict | None = None,
-           timeout: int = 300) -> subprocess.CompletedProcess:
+           timeout: int = 300, job: str = "${prune.method}-${prune.scope}") -> subprocess.CompletedProcess:
     entry = script or ["-m", "distprune"]
     cmd = ([sys.executable, *entry] if ranks == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
             *entry])
-    return subprocess.run([*cmd, *args, "model=tiny-llama", f"output_dir={out}/${{prune.method}}-${{prune.scope}}"],
+    return subprocess.run([*cmd, *args, "model=tiny-llama", f"output_dir={out}/{job}"],
                           cwd=out.parent, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
@@ -211,3 +211,51 @@ def test_accelerate_launch(runs, tmp_path):
     assert json.loads((out / "distprune_report.json").read_text())["world_size"] == 2
     ref, got = tensors(runs[1][0] / "magnitude-global"), tensors(out)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """Wanda with statistics computed by every world size itself (its own cache): 7
+    calibration windows in batches of 2, so the ranks hold 4+3 or 2+2+3 of them."""
+    root = tmp_path_factory.mktemp("calib")
+    done = {}
+    for ranks in (1, 2, 3):
+        out = root / f"ws{ranks}"
+        p = launch(ranks, out, "-m", "prune.method=wanda", "prune.scope=row", "prune.mode=oneshot,sequential",
+                   "model.dtype=float32", "calib.nsamples=7", "calib.seqlen=32", "calib.batch_size=2",
+                   env={"DISTPRUNE_CACHE": str(root / f"cache{ranks}")}, job="${prune.mode}")
+        assert p.returncode == 0, p.stderr[-3000:]
+        done[ranks] = out, sorted((root / f"cache{ranks}" / "stats").glob("*.safetensors"))
+    return done
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_statistics_and_masks_do_not_depend_on_the_rank_count(calibrated, ranks):
+    """Data-parallel statistics are bit-identical to one process (whole batches per rank,
+    gathered and added in batch order), so wanda's pruned model is too, oneshot and
+    sequential, without sharing a statistics cache."""
+    (one, [ref_file]), (got, [got_file]) = calibrated[1], calibrated[ranks]
+    assert ref_file.name == got_file.name  # the same cache key: the same settings
+    ref_stats, got_stats = load_file(ref_file), load_file(got_file)
+    assert ref_stats.keys() == got_stats.keys() and len(ref_stats) > 10
+    for key in ref_stats:
+        assert torch.equal(ref_stats[key], got_stats[key]), key
+    for mode in ("oneshot", "sequential"):
+        ref, pruned = tensors(one / mode), tensors(got / mode)
+        assert ref.keys() == pruned.keys()
+        for key in ref:
+            assert torch.equal(ref[key], pruned[key]), (mode, key)
+        report = json.loads((got / mode / "distprune_report.json").read_text())
+        assert report["world_size"] == ranks and report["mode"] == mode
+
+
+def test_batch_share_is_whole_batches_in_order():
+    from types import SimpleNamespace
+
+    from distprune.dist import batch_share
+
+    for count, batch, ranks in [(7, 2, 3), (4, 4, 2), (10, 3, 4), (1, 8, 3), (16, 4, 4)]:
+        shares = [batch_share(count, batch, SimpleNamespace(rank=r, world_size=ranks)) for r in range(ranks)]
+        items = [i for s in shares for i in range(count)[s]]
+        assert items == list(range(count))  # every item once, in rank order
+        assert all(s.start % batch == 0 for s in shares if s.stop > s.start)  # cut at batch boundaries
