@@ -300,22 +300,39 @@ def main(dcfg: DictConfig) -> None:
     setup_logging(comm)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    cfg = OmegaConf.to_object(dcfg)
+    if multirun:
+        cfg.output_dir = sweep_output_dir(cfg.output_dir, hc)
+        JOB_PARENTS.append(Path(cfg.output_dir).expanduser().resolve().parent)
     try:
-        cfg = OmegaConf.to_object(dcfg)
-        if multirun:  # one directory per job under the sweep directory, unless output_dir says otherwise
-            if not any(o.split("=", 1)[0].lstrip("+~") == "output_dir" for o in hc.overrides.task):
-                cfg.output_dir = str(Path(hc.sweep.dir) / hc.sweep.subdir)
-            elif Path(hc.runtime.output_dir).resolve() != Path(cfg.output_dir).expanduser().resolve():
-                with contextlib.suppress(OSError):  # Hydra made it for this job, which writes elsewhere
-                    Path(hc.runtime.output_dir).rmdir()
-            JOB_PARENTS.append(Path(cfg.output_dir).expanduser().resolve().parent)
         run(cfg, comm, SWEEP if multirun else None)
-    except (ConfigError, NonFiniteScoreError) as e:
-        log.error("%s", e)
-        sys.exit(2)
-    except Exception as e:  # name the failing rank, then let the launcher end the others
-        log.error("rank %d of %d failed: %s: %s", comm.rank, comm.world_size, type(e).__name__, e)
+    except BaseException as e:
+        if multirun:  # the job directory Hydra made, unless a complete earlier output is in it
+            with contextlib.suppress(OSError):
+                Path(hc.runtime.output_dir).rmdir()
+        if isinstance(e, (ConfigError, NonFiniteScoreError)):
+            log.error("%s", e)
+            sys.exit(2)
+        if not isinstance(e, Exception):
+            raise
+        # name the failing rank; under a launcher end this process (even mid-sweep, where Hydra
+        # would go on to the next job out of step with the other ranks): the launcher ends them
+        log.error("rank %d of %d failed: %s: %s", comm.rank, comm.world_size, type(e).__name__, e,
+                  exc_info=comm.world_size > 1)
+        if comm.world_size > 1:
+            sys.exit(1)
         raise
+
+
+def sweep_output_dir(output_dir: str, hc) -> str:
+    """A sweep job's output directory: the one Hydra made for it under the sweep directory,
+    unless the command line sets output_dir (then Hydra's, left empty, is removed)."""
+    if not any(o.split("=", 1)[0].lstrip("+~") == "output_dir" for o in hc.overrides.task):
+        return str(Path(hc.sweep.dir) / hc.sweep.subdir)
+    if Path(hc.runtime.output_dir).resolve() != Path(output_dir).expanduser().resolve():
+        with contextlib.suppress(OSError):
+            Path(hc.runtime.output_dir).rmdir()
+    return output_dir
 
 
 def run_eval(cfg: Config) -> dict:

@@ -259,3 +259,18 @@ def test_batch_share_is_whole_batches_in_order():
         items = [i for s in shares for i in range(count)[s]]
         assert items == list(range(count))  # every item once, in rank order
         assert all(s.start % batch == 0 for s in shares if s.stop > s.start)  # cut at batch boundaries
+
+
+def test_failing_rank_ends_a_sweep(tmp_path):
+    """Hydra would go on to the next job after a failure; a rank must not (it would run the
+    next job's collectives against the others' current ones): the first failure ends it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "helpers" / "failing_rank.py"), "-m", "model=tiny-llama", "prune.method=magnitude",
+           "prune.scope=layer", "prune.sparsity=0.3,0.5,0.7"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "DISTPRUNE_TEST_FAIL": "raise"})
+    assert p.returncode != 0
+    assert p.stderr.count("rank 1 of 2 failed: RuntimeError: injected failure") == 1
+    assert "#1 :" not in p.stderr  # no rank started a second job
+    sweep_dir = tmp_path / "sweeps" / "tiny-llama"
+    assert [f.name for f in sweep_dir.iterdir()] == ["multirun.yaml"]  # no job directory left behind
