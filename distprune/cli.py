@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -15,17 +14,17 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distprune import checkpoint, data, dist, models, stats, summarize
+from distprune import checkpoint, data, dist, models, stats, sweep
 from distprune.api import PruneResult, calibrate_and_prune, prune
 from distprune.config import Config, ConfigError, register_configs
 from distprune.dist import SINGLE, Comm
 from distprune.evaluate import perplexity
 from distprune.scores import SCORERS
 from distprune.select import NonFiniteScoreError
+from distprune.sweep import SweepModels
 
 log = logging.getLogger("distprune")
 
@@ -67,14 +66,14 @@ def evaluate_ppl(cfg: Config, model, windows: torch.Tensor, device: str, comm: C
     return perplexity(model, windows, cfg.eval.batch_size, comm=comm)
 
 
-def load_model(cfg: Config, comm: Comm, sweep: models.SweepModels | None) -> tuple[models.LoadedModel, dict]:
+def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[models.LoadedModel, dict]:
     """The model, and how it was loaded. With several ranks, a magnitude job that evaluates
     nothing reads only this rank's layers from a safetensors checkpoint (rank 0 also the
     tensors that are never pruned, to save them); wanda calibrates data-parallel and
     evaluation runs the whole model, so every rank loads it in full. A sweep reuses the
     model of its previous job with the dense weights restored."""
-    if sweep is not None:
-        loaded, reused = sweep.get(cfg.model)
+    if shared is not None:
+        loaded, reused = shared.get(cfg.model)
         return loaded, {"mode": "reused" if reused else "full"}
     if comm.world_size > 1 and not SCORERS[cfg.prune.method].needs_stats and not cfg.eval.source:
         shard = models.load_shard(cfg.model, lambda model: models.shard_keys(
@@ -128,7 +127,7 @@ def gather_layers(result: PruneResult, comm: Comm) -> None:
         result.groups.layers = [r for part in parts for r in part]
 
 
-def run(cfg: Config, comm: Comm = SINGLE, sweep: models.SweepModels | None = None) -> dict:
+def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> dict:
     """Run one pruning job; returns the report. Raises ConfigError on bad input. Jobs of a
     sweep pass one SweepModels so that the model is loaded once."""
     cfg.check()
@@ -142,7 +141,7 @@ def run(cfg: Config, comm: Comm = SINGLE, sweep: models.SweepModels | None = Non
     seconds: dict[str, float] = {}
 
     with phase(seconds, "load"):
-        loaded, how = load_model(cfg, comm, sweep)
+        loaded, how = load_model(cfg, comm, shared)
         layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude)
         parts = models.partition(layers, comm.world_size)
     log.info("load: %s from %s (%s) in %.1fs", models.describe(loaded.model, layers), loaded.source, how["mode"],
@@ -155,16 +154,16 @@ def run(cfg: Config, comm: Comm = SINGLE, sweep: models.SweepModels | None = Non
         windows = eval_windows(cfg, loaded.tokenizer)
     if cfg.eval.source and cfg.eval.dense:
         key = json.dumps([models.fingerprint(cfg.model), OmegaConf.to_container(OmegaConf.structured(cfg.eval))])
-        if sweep is not None and key in sweep.dense_perplexity:  # the same dense model, the same windows
-            ppl["dense"] = sweep.dense_perplexity[key]
+        if shared is not None and key in shared.dense_perplexity:  # the same dense model, the same windows
+            ppl["dense"] = shared.dense_perplexity[key]
             log.info("eval: dense perplexity %.3f (from an earlier job of this sweep)", ppl["dense"])
         else:
             with phase(seconds, "eval_dense"):
                 ppl["dense"] = evaluate_ppl(cfg, loaded.model, windows, device, comm)
             log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source,
                      seconds["eval_dense"])
-            if sweep is not None:
-                sweep.dense_perplexity[key] = ppl["dense"]
+            if shared is not None:
+                shared.dense_perplexity[key] = ppl["dense"]
 
     sent = comm.bytes_communicated  # this phase only: loading gathers too
     result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm)
@@ -218,7 +217,6 @@ def run(cfg: Config, comm: Comm = SINGLE, sweep: models.SweepModels | None = Non
 
 
 register_configs()
-SWEEP = models.SweepModels()  # one per process: Hydra runs a sweep's jobs one after another in it
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # top-level conf/ of the checkout
@@ -231,69 +229,6 @@ def setup_logging(comm: Comm) -> None:
                         format=f"%(asctime)s %(name)s{tag} %(levelname)s: %(message)s")
 
 
-def _sweep_overrides(argv: list[str]) -> list:
-    """The command line's sweep overrides (``a,b``, ``range()``, ``choice()``)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args = [a for a in argv if "=" in a and not a.startswith("-")]
-    return [o for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
-
-
-def sweep_job_dir(task_overrides: list[str], argv: list[str], num: int) -> str:
-    """A sweep job's directory name: the values this job takes of the keys the command line
-    sweeps over, e.g. ``prune.method=wanda,prune.sparsity=0.5``. Every rank computes the same."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    swept = {o.key_or_group for o in _sweep_overrides(argv)}
-    parts = [f"{o.key_or_group}={o.get_value_element_as_str()}"
-             for o in OverridesParser.create().parse_overrides(task_overrides) if o.key_or_group in swept]
-    return ",".join(parts).replace("/", "_") or f"job{num}"
-
-
-def sweep_name(model_name: str, argv: list[str]) -> str:
-    """The sweep directory's name: the model's name, or the swept models' names joined by
-    '+' when the command line sweeps over models: the same for every job and rank."""
-    names = [basename(v) for o in _sweep_overrides(argv) if o.key_or_group in ("model", "model.name", "model.path")
-             for v in o.sweep_string_iterator()]
-    joined = "+".join(dict.fromkeys(names))
-    return model_name if not names else joined if len(joined) <= 100 else f"{len(names)}-models"
-
-
-def basename(path: str) -> str:
-    """meta-llama/Llama-2-7b-hf -> Llama-2-7b-hf; /models/x.gguf -> x."""
-    p = Path(str(path).rstrip("/"))
-    return p.stem if p.suffix == ".gguf" else p.name
-
-
-# conf/config.yaml: hydra.sweep.dir: sweeps/${distprune_sweep_name:${model.name}} and
-# hydra.sweep.subdir: ${distprune_job_dir:${hydra:overrides.task},${hydra:job.num}}
-OmegaConf.register_new_resolver("distprune_sweep_name", lambda name: sweep_name(name, sys.argv[1:]), replace=True)
-OmegaConf.register_new_resolver("distprune_job_dir", lambda task, num: sweep_job_dir(list(task), sys.argv[1:], num),
-                                replace=True)
-# conf/model/hf.yaml: name: ${distprune_basename:${.path}}, e.g. Llama-2-7b-hf for meta-llama/Llama-2-7b-hf
-OmegaConf.register_new_resolver("distprune_basename", basename, replace=True)
-JOB_PARENTS: list[Path] = []  # where this process's sweep jobs wrote, for the summary at its end
-
-
-class SweepEnd(Callback):
-    """At the end of a sweep rank 0 writes summary.csv/md/png into the directory that
-    holds the job directories (``distprune.summarize``); then the process group ends."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if int(os.environ.get("RANK", "0")) == 0:
-            for parent in dict.fromkeys(JOB_PARENTS):
-                try:
-                    table = summarize.write(parent)
-                    log.info("summary: %d jobs in %s/summary.csv, summary.md%s", len(table), parent,
-                             ", summary.png" if (parent / "summary.png").exists() else "")
-                except FileNotFoundError as e:
-                    log.warning("no summary: %s", e)
-        dist.shutdown()
-
-    def on_run_end(self, config: DictConfig, **kwargs) -> None:
-        dist.shutdown()
-
-
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
     comm = dist.init()
@@ -302,10 +237,9 @@ def main(dcfg: DictConfig) -> None:
     multirun = hc.mode == RunMode.MULTIRUN
     cfg = OmegaConf.to_object(dcfg)
     if multirun:
-        cfg.output_dir = sweep_output_dir(cfg.output_dir, hc)
-        JOB_PARENTS.append(Path(cfg.output_dir).expanduser().resolve().parent)
+        cfg.output_dir = sweep.job_output_dir(cfg.output_dir, hc)
     try:
-        run(cfg, comm, SWEEP if multirun else None)
+        run(cfg, comm, sweep.MODELS if multirun else None)
     except BaseException as e:
         if multirun:  # the job directory Hydra made, unless a complete earlier output is in it
             with contextlib.suppress(OSError):
@@ -322,17 +256,6 @@ def main(dcfg: DictConfig) -> None:
         if comm.world_size > 1:
             sys.exit(1)
         raise
-
-
-def sweep_output_dir(output_dir: str, hc) -> str:
-    """A sweep job's output directory: the one Hydra made for it under the sweep directory,
-    unless the command line sets output_dir (then Hydra's, left empty, is removed)."""
-    if not any(o.split("=", 1)[0].lstrip("+~") == "output_dir" for o in hc.overrides.task):
-        return str(Path(hc.sweep.dir) / hc.sweep.subdir)
-    if Path(hc.runtime.output_dir).resolve() != Path(output_dir).expanduser().resolve():
-        with contextlib.suppress(OSError):
-            Path(hc.runtime.output_dir).rmdir()
-    return output_dir
 
 
 def run_eval(cfg: Config) -> dict:

@@ -296,33 +296,6 @@ def builtin_dir(name: str) -> Path:
     return target
 
 
-class SweepModels:
-    """The model of the last job of a sweep, kept with a CPU copy of its prunable weights,
-    so that the next job on the same model loads nothing and still starts from the dense
-    weights (never from an already pruned model)."""
-
-    def __init__(self) -> None:
-        self.key: str | None = None
-        self.loaded: LoadedModel | None = None
-        self.dense: dict[str, torch.Tensor] = {}
-        self.dense_perplexity: dict[str, float] = {}  # (model, eval settings) -> perplexity of the dense model
-
-    def get(self, cfg: ModelConfig) -> tuple[LoadedModel, bool]:
-        """(the model, True when it was reused with its dense weights restored)."""
-        key = json.dumps(fingerprint(cfg), sort_keys=True, default=str)
-        if key == self.key and self.loaded is not None:
-            self.loaded.model.to("cpu")
-            with torch.no_grad():
-                for layer in prunable_layers(self.loaded.model):
-                    layer.module.weight.copy_(self.dense[layer.name])
-            return self.loaded, True
-        self.key, self.loaded, self.dense = None, None, {}  # free the previous model first
-        loaded = load(cfg, "cpu")
-        self.dense = {layer.name: layer.module.weight.detach().clone() for layer in prunable_layers(loaded.model)}
-        self.key, self.loaded = key, loaded
-        return loaded, False
-
-
 def describe(model: nn.Module, layers: list[PrunableLayer]) -> str:
     total = sum(p.numel() for p in model.parameters())
     prunable = sum(layer.numel for layer in layers)

@@ -105,7 +105,7 @@ def test_summarize_without_reports_fails(tmp_path):
 
 
 def test_sweep_and_job_names_come_from_the_command_line():
-    from distprune.cli import sweep_job_dir, sweep_name
+    from distprune.sweep import sweep_job_dir, sweep_name
 
     argv = ["-m", "model=hf", "model.path=/m/a,/m/b.gguf", "prune.sparsity=0.3,0.5", "save=false"]
     assert sweep_name("ignored", argv) == "a+b"  # the same for every job: not the job's own model

@@ -1,0 +1,135 @@
+"""What the jobs of a Hydra multirun sweep share, and where they write.
+
+Hydra runs a sweep's jobs one after another in each process (every rank walks the same
+job list). The model is loaded once and restored to its dense weights before each job;
+the dense perplexity is computed once. Every job writes into a directory under one sweep
+directory, named from the command line so that every rank agrees on it (a timestamp would
+not); at the end rank 0 writes the summary there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from distprune import dist, summarize
+from distprune.config import ModelConfig
+from distprune.models import LoadedModel, fingerprint, load, prunable_layers
+
+log = logging.getLogger("distprune")
+
+
+class SweepModels:
+    """The model of the last job of a sweep, kept with a CPU copy of its prunable weights,
+    so that the next job on the same model loads nothing and still starts from the dense
+    weights (never from an already pruned model)."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.loaded: LoadedModel | None = None
+        self.dense: dict[str, torch.Tensor] = {}
+        self.dense_perplexity: dict[str, float] = {}  # (model, eval settings) -> perplexity of the dense model
+
+    def get(self, cfg: ModelConfig) -> tuple[LoadedModel, bool]:
+        """(the model, True when it was reused with its dense weights restored)."""
+        key = json.dumps(fingerprint(cfg), sort_keys=True, default=str)
+        if key == self.key and self.loaded is not None:
+            self.loaded.model.to("cpu")
+            with torch.no_grad():
+                for layer in prunable_layers(self.loaded.model):
+                    layer.module.weight.copy_(self.dense[layer.name])
+            return self.loaded, True
+        self.key, self.loaded, self.dense = None, None, {}  # free the previous model first
+        loaded = load(cfg, "cpu")
+        self.dense = {layer.name: layer.module.weight.detach().clone() for layer in prunable_layers(loaded.model)}
+        self.key, self.loaded = key, loaded
+        return loaded, False
+
+
+MODELS = SweepModels()  # one per process
+
+
+def _sweep_overrides(argv: list[str]) -> list:
+    """The command line's sweep overrides (``a,b``, ``range()``, ``choice()``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    return [o for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
+
+
+def sweep_job_dir(task_overrides: list[str], argv: list[str], num: int) -> str:
+    """A sweep job's directory name: the values this job takes of the keys the command line
+    sweeps over, e.g. ``prune.method=wanda,prune.sparsity=0.5``. Every rank computes the same."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept = {o.key_or_group for o in _sweep_overrides(argv)}
+    parts = [f"{o.key_or_group}={o.get_value_element_as_str()}"
+             for o in OverridesParser.create().parse_overrides(task_overrides) if o.key_or_group in swept]
+    return ",".join(parts).replace("/", "_") or f"job{num}"
+
+
+def sweep_name(model_name: str, argv: list[str]) -> str:
+    """The sweep directory's name: the model's name, or the swept models' names joined by
+    '+' when the command line sweeps over models: the same for every job and rank."""
+    names = [basename(v) for o in _sweep_overrides(argv) if o.key_or_group in ("model", "model.name", "model.path")
+             for v in o.sweep_string_iterator()]
+    joined = "+".join(dict.fromkeys(names))
+    return model_name if not names else joined if len(joined) <= 100 else f"{len(names)}-models"
+
+
+def basename(path: str) -> str:
+    """meta-llama/Llama-2-7b-hf -> Llama-2-7b-hf; /models/x.gguf -> x."""
+    p = Path(str(path).rstrip("/"))
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
+# conf/config.yaml: hydra.sweep.dir: sweeps/${distprune_sweep_name:${model.name}} and
+# hydra.sweep.subdir: ${distprune_job_dir:${hydra:overrides.task},${hydra:job.num}}
+OmegaConf.register_new_resolver("distprune_sweep_name", lambda name: sweep_name(name, sys.argv[1:]), replace=True)
+OmegaConf.register_new_resolver("distprune_job_dir", lambda task, num: sweep_job_dir(list(task), sys.argv[1:], num),
+                                replace=True)
+# conf/model/hf.yaml: name: ${distprune_basename:${.path}}, e.g. Llama-2-7b-hf for meta-llama/Llama-2-7b-hf
+OmegaConf.register_new_resolver("distprune_basename", basename, replace=True)
+
+
+JOB_PARENTS: list[Path] = []  # where this process's sweep jobs wrote, for the summary at its end
+
+
+class SweepEnd(Callback):
+    """At the end of a sweep rank 0 writes summary.csv/md/png into the directory that
+    holds the job directories (``distprune.summarize``); then the process group ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for parent in dict.fromkeys(JOB_PARENTS):
+                try:
+                    table = summarize.write(parent)
+                    log.info("summary: %d jobs in %s/summary.csv, summary.md%s", len(table), parent,
+                             ", summary.png" if (parent / "summary.png").exists() else "")
+                except FileNotFoundError as e:
+                    log.warning("no summary: %s", e)
+        dist.shutdown()
+
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        dist.shutdown()
+
+
+def job_output_dir(output_dir: str, hc) -> str:
+    """A sweep job's output directory: the one Hydra made for it under the sweep directory,
+    unless the command line sets output_dir (then Hydra's, left empty, is removed).
+    Remembered for the summary at the end of the sweep."""
+    if not any(o.split("=", 1)[0].lstrip("+~") == "output_dir" for o in hc.overrides.task):
+        output_dir = str(Path(hc.sweep.dir) / hc.sweep.subdir)
+    elif Path(hc.runtime.output_dir).resolve() != Path(output_dir).expanduser().resolve():
+        with contextlib.suppress(OSError):
+            Path(hc.runtime.output_dir).rmdir()
+    JOB_PARENTS.append(Path(output_dir).expanduser().resolve().parent)
+    return output_dir
