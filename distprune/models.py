@@ -294,8 +294,12 @@ def builtin_dir(name: str) -> Path:
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            loaded.model.save_pretrained(tmp)
-            loaded.tokenizer.save_pretrained(tmp)
+            # not model.save_pretrained: under torchrun it writes on global rank 0 only, and the
+            # rank that converts may be any
+            from distprune.checkpoint import write_checkpoint
+
+            tmp.mkdir()
+            write_checkpoint(tmp, loaded.model, loaded.tokenizer, "5GB")
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

