@@ -14,7 +14,7 @@ from distprune import stats
 from distprune.config import ConfigError, PruneConfig
 from distprune.dist import SINGLE, Comm, batch_share
 from distprune.masks import GroupsResult, prune_groups
-from distprune.models import PrunableLayer, prunable_layers
+from distprune.models import PrunableLayer, prunable_layers, weights_to
 from distprune.scores import SCORERS
 
 
@@ -103,6 +103,9 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     all-reduced) and prunes ``own`` (its shard of ``layers``); in sequential mode every
     rank prunes every block, since every rank runs the next block on the pruned one
     (the same deterministic computation on the same statistics), and reports ``own``.
+
+    Afterwards the weights of ``own`` are on ``device`` and the rest of the model is where it
+    was (block-wise onloading never moves the whole model): move it before running it.
     """
     config.check()
     layers = layers if layers is not None else prunable_layers(model, config.include, config.exclude)
@@ -138,6 +141,6 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
             stats.save(cache_file, found, cache_fields or {})
     hit = "off" if cache_file is None else ("hit" if found is cached else "miss")
     elapsed = time.perf_counter() - t0
-    model.to(device)
+    weights_to(own, device)
     result = prune(model, config, norms=stats.norms(found), comm=comm, layers=own, show_progress=show_progress)
     return PruneResult(config, result.groups, mode, hit, elapsed)

@@ -88,8 +88,7 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
     """Prune in place: magnitude directly, wanda after block-wise calibration. This rank
     prunes ``own``, its shard of ``layers``."""
     if not SCORERS[cfg.prune.method].needs_stats:
-        for layer in own:  # only these weights: the rest may be on the meta device (a shard load)
-            layer.module.weight.data = layer.module.weight.data.to(device)
+        models.weights_to(own, device)
         return prune(loaded.model, cfg.prune, layers=own, comm=comm)
 
     def windows():

@@ -50,6 +50,13 @@ class PrunableLayer:
         return self.module.weight.numel()
 
 
+def weights_to(layers: list[PrunableLayer], device) -> None:
+    """Move these layers' weights, and nothing else, to device: pruning needs only them, and
+    the rest of the model may not fit there (or may be on the meta device: a shard load)."""
+    for layer in layers:
+        layer.module.weight.data = layer.module.weight.data.to(device)
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
