@@ -10,6 +10,7 @@ not); at the end rank 0 writes the summary there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -73,7 +74,10 @@ def sweep_job_dir(task_overrides: list[str], argv: list[str], num: int) -> str:
     swept = {o.key_or_group for o in _sweep_overrides(argv)}
     parts = [f"{o.key_or_group}={o.get_value_element_as_str()}"
              for o in OverridesParser.create().parse_overrides(task_overrides) if o.key_or_group in swept]
-    return ",".join(parts).replace("/", "_") or f"job{num}"
+    name = ",".join(parts).replace("/", "_")
+    if len(name) > 150:  # file names stop at 255 bytes: long paths as values
+        name = f"job{num}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+    return name or f"job{num}"
 
 
 def sweep_name(model_name: str, argv: list[str]) -> str:

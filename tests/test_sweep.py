@@ -113,3 +113,6 @@ def test_sweep_and_job_names_come_from_the_command_line():
     job = ["model=hf", "model.path=/m/a", "prune.sparsity=0.5", "save=false"]
     assert sweep_job_dir(job, argv, 3) == "model.path=_m_a,prune.sparsity=0.5"  # swept keys only
     assert sweep_job_dir(["save=false"], ["-m", "save=false"], 3) == "job3"  # nothing swept
+    long = "/m/" + "x" * 300
+    name = sweep_job_dir([f"model.path={long}"], ["-m", f"model.path={long},/m/b"], 0)
+    assert name.startswith("job0-") and len(name) < 30
