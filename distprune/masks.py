@@ -81,8 +81,8 @@ def _prune_global(layers, score, sparsity, selector, comm, show, search) -> Grou
     comm.all_reduce_sum(n)
     n = int(n)
 
-    workers = 1 if layers[0].weight.is_cuda else max(1, min(4, torch.get_num_threads()))
-    stream = ScoreStream([layer.name for layer in layers], lambda i: score(layers[i]), workers,
+    # one layer at a time: scoring layers in threads was 16-44% slower on CPU (docs/BENCHMARKS.md)
+    stream = ScoreStream([layer.name for layer in layers], lambda i: score(layers[i]), 1,
                          lambda it, desc: progress(it, desc, "layer", show))
     t0 = time.perf_counter()
     sel = select(selector, stream, target_count(sparsity, n), n, comm, **search)

@@ -72,7 +72,7 @@ def child(args) -> None:
     n = sum(w.numel() for w in weights)
     k = target_count(args.sparsity, n)
     cuda = args.device.startswith("cuda")
-    workers = 1 if cuda else max(1, min(4, torch.get_num_threads()))  # as distprune.masks does
+    workers = args.workers  # distprune.masks scores one layer at a time
     stream = ScoreStream([str(i) for i in range(len(weights))], score, workers)
     times, peaks, passes, masks = [], [], 1, None
     for rep in range(args.repeat):
@@ -155,6 +155,25 @@ def run_ranks(args, score: str, method: str, ranks: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def workers_table(args) -> str:
+    """The same selection with 1, 2, ... layers scored at once in threads (ScoreStream)."""
+    lines = ["| score | method | scoring threads | median s | time / 1 thread |", "|---|---|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for score in args.scores.split(","):
+            for method in args.methods.split(","):
+                base = None
+                for workers in [int(w) for w in args.workers_axis.split(",")]:
+                    args.workers = workers
+                    r = run_one(args, score, method, os.path.join(tmp, "mask.bits"))
+                    if "failed" in r:
+                        lines.append(f"| {score} | {method} | {workers} | {r['failed']} | |")
+                        continue
+                    med = statistics.median(r["times"])
+                    base = base or med
+                    lines.append(f"| {score} | {method} | {workers} | {med:.3f} | {med / base:.2f} |")
+    return "\n".join(lines)
+
+
 def ranks_table(args) -> str:
     lines = ["| score | method | ranks | median s | passes | bytes sent per rank per selection |",
              "|---|---|---:|---:|---:|---:|"]
@@ -187,7 +206,7 @@ def _prunable_modules(weights, score, kind):
 def run_one(args, score: str, method: str, mask_path: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--score", score, "--method", method, "--mask-out", mask_path,
            "--shapes", args.shapes, "--repeat", str(args.repeat), "--sparsity", str(args.sparsity),
-           "--max-iter", str(args.max_iter), "--device", args.device]
+           "--max-iter", str(args.max_iter), "--device", args.device, "--workers", str(args.workers)]
     if args.blocks:
         cmd += ["--blocks", str(args.blocks)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -216,6 +235,9 @@ def main() -> None:
     p.add_argument("--write", default=None, help="markdown file to update with the table")
     p.add_argument("--world-sizes", default=None,
                    help="e.g. 1,2,4: time selection under torchrun (gloo) at each world size instead")
+    p.add_argument("--workers", type=int, default=1, help="layers scored at once in threads (distprune: 1)")
+    p.add_argument("--workers-axis", default=None,
+                   help="e.g. 1,2,4: time each method with that many scoring threads instead")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dist-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--score", help=argparse.SUPPRESS)
@@ -226,6 +248,13 @@ def main() -> None:
         return child(args)
     if args.dist_child:
         return dist_child(args)
+    if args.workers_axis:
+        table = workers_table(args)
+        print(table)
+        if args.write:
+            n = sum(w.numel() for w in make_weights(args.shapes, args.blocks)[0])
+            write_section(Path(args.write), args, n, table, f"scoring threads {args.workers_axis}")
+        return None
     if args.world_sizes:
         table = ranks_table(args)
         print(table)
