@@ -61,6 +61,8 @@ def write(sweep_dir: Path) -> list[dict]:
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     if any(r["perplexity"] is not None for r in table):
         plot(table, sweep_dir / "summary.png")
+    else:  # no perplexity to plot: no picture of an earlier table either
+        (sweep_dir / "summary.png").unlink(missing_ok=True)
     return table
 
 
