@@ -78,18 +78,23 @@ def plot(table: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
     # one line per combination of the settings that differ between jobs (besides sparsity)
     varying = [k for k in LINE_KEYS if len({r[k] for r in table}) > 1] or ["method"]
-    groups: dict[str, list[tuple[float, float]]] = {}
+    models = sorted({r["model"] for r in table})
+    dash = dict(zip(models, ("-", "--", ":", "-."), strict=False))  # a line style per model, a colour per method
+    groups: dict[tuple, list[tuple[float, float]]] = {}
     for r in table:
         if r["perplexity"] is not None:
             label = ", ".join(str(r[k]) for k in varying if r[k] != "-")  # magnitude has no mode
-            groups.setdefault(label, []).append((r["target_sparsity"], r["perplexity"]))
-    for label, points in sorted(groups.items()):
+            method = ", ".join(str(r[k]) for k in varying if k != "model" and r[k] != "-")
+            groups.setdefault((label, method, r["model"]), []).append((r["target_sparsity"], r["perplexity"]))
+    colours = {m: f"C{i}" for i, m in enumerate(sorted({method for _, method, _ in groups}))}
+    for (label, method, model), points in sorted(groups.items()):
         xs, ys = zip(*sorted(points), strict=True)
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(xs, ys, marker="o", label=label, color=colours[method], linestyle=dash.get(model, "-"))
     dense = {r["model"]: r["dense_perplexity"] for r in table if r["dense_perplexity"] is not None}
-    for i, (model, value) in enumerate(sorted(dense.items())):
-        name = f"dense {model}" if len(dense) > 1 else "dense"
-        ax.axhline(value, color="gray", linestyle=("--", ":", "-.")[i % 3], linewidth=1, label=f"{name} ({value:.2f})")
+    for model, value in sorted(dense.items()):
+        name = f"dense {model}" if len(models) > 1 else "dense"
+        style = dash.get(model, "-") if len(models) > 1 else "--"
+        ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"{name} ({value:.2f})")
     same = [f"{r0[k]}" if k == "model" else f"{k} {r0[k]}" for r0 in table[:1] for k in LINE_KEYS if k not in varying]
     ax.set_title(", ".join(same), fontsize=10)
     ax.set_yscale("log")
