@@ -46,7 +46,9 @@ def calibration_source_fields(cfg: Config) -> dict:
     """Calibration settings for the statistics cache key; a local text file adds its size
     and mtime, so an edited file invalidates."""
     c = cfg.calib
-    fields = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed}
+    # batch_size too: float64 sums are added batch by batch, so it sets their rounding
+    fields = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,
+              "batch_size": c.batch_size}
     p = Path(c.source).expanduser()
     if p.exists():  # the same file named two ways is one key
         fields["source"] = str(p.resolve())
