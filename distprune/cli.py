@@ -166,7 +166,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
             if shared is not None:
                 shared.dense_perplexity[key] = ppl["dense"]
 
-    sent = comm.bytes_communicated  # this phase only: loading gathers too
+    sent = comm.bytes_communicated  # count statistics and selection only: loading and evaluation gather too
     result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm)
     sent = comm.bytes_communicated - sent
     gather_layers(result, comm)
