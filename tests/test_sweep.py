@@ -116,3 +116,21 @@ def test_sweep_and_job_names_come_from_the_command_line():
     long = "/m/" + "x" * 300
     name = sweep_job_dir([f"model.path={long}"], ["-m", f"model.path={long},/m/b"], 0)
     assert name.startswith("job0-") and len(name) < 30
+
+
+def test_summary_of_several_models(tmp_path):
+    """A sweep over models: a model column, one line and one dense reference per model."""
+    from distprune import summarize
+
+    for model, dense in (("a", 20.0), ("b", 30.0)):
+        for sparsity in (0.3, 0.6):
+            job = tmp_path / f"model={model},prune.sparsity={sparsity}"
+            job.mkdir()
+            report = {"model": f"/m/{model}", "method": "wanda", "scope": "row", "selector": "row-kthvalue",
+                      "mode": "oneshot", "target_sparsity": sparsity, "achieved_sparsity": sparsity,
+                      "perplexity": {"dense": dense, "pruned": dense * (1 + sparsity)}, "seconds": {"load": 1.0},
+                      "world_size": 1, "config": {"model": {"name": model}}}
+            (job / "distprune_report.json").write_text(json.dumps(report))
+    table = summarize.write(tmp_path)
+    assert [(r["model"], r["target_sparsity"]) for r in table] == [("a", 0.3), ("a", 0.6), ("b", 0.3), ("b", 0.6)]
+    assert (tmp_path / "summary.png").stat().st_size > 10000
