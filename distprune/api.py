@@ -99,10 +99,11 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     given), then one pruning pass. sequential: block i is pruned as soon as its
     statistics are complete, before its outputs feed block i+1.
 
-    With several ranks, each calibrates on its share of the windows (statistics are
-    all-reduced) and prunes ``own`` (its shard of ``layers``); in sequential mode every
-    rank prunes every block, since every rank runs the next block on the pruned one
-    (the same deterministic computation on the same statistics), and reports ``own``.
+    With several ranks, each calibrates on its share of the windows, in whole batches
+    (statistics are gathered per batch and added in batch order), and prunes ``own`` (its
+    shard of ``layers``); in sequential mode every rank prunes every block, since every
+    rank runs the next block on the pruned one (the same deterministic computation on the
+    same statistics), and reports ``own``.
 
     Afterwards the weights of ``own`` are on ``device`` and the rest of the model is where it
     was (block-wise onloading never moves the whole model): move it before running it.
@@ -111,6 +112,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     layers = layers if layers is not None else prunable_layers(model, config.include, config.exclude)
     own = own if own is not None else layers
     mode = config.resolved_mode
+
     def mine() -> torch.Tensor:  # this rank's share, in whole batches
         w = windows()
         return w[batch_share(w.shape[0], batch_size, comm)]

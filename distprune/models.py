@@ -209,31 +209,30 @@ def load_shard(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> tup
     index = directory / "model.safetensors.index.json"
     files = (sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
              if index.is_file() else [directory / "model.safetensors"])
-    where = {}
-    for f in files:
-        with safe_open(f, "pt") as h:
-            where.update(dict.fromkeys(h.keys(), f))
-    dtype = TORCH_DTYPES.get(cfg.dtype) or getattr(config, "dtype", None) or _first_float_dtype(where)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    groups = tie_groups(model)
-    stored = {g[0]: next((n for n in g if n in where), None) for g in groups}
-    if any(v is None for v in stored.values()):
-        log.info("%s: tensor names differ from the model's; loading it in full", directory)
-        return None
-    want = wanted(model)
-    slots = {}  # state-dict name -> (module, attribute)
-    for prefix, m in model.named_modules(remove_duplicate=False):
-        for attr in [*m._parameters, *m._buffers]:
-            slots[f"{prefix}.{attr}" if prefix else attr] = (m, attr)
-    read = 0
     with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, "pt")) for f in files}
+        where = {}  # tensor name -> the open file that holds it
+        for f in files:
+            h = stack.enter_context(safe_open(f, "pt"))
+            where.update(dict.fromkeys(h.keys(), h))
+        dtype = TORCH_DTYPES.get(cfg.dtype) or getattr(config, "dtype", None) or _first_float_dtype(where)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        groups = tie_groups(model)
+        stored = {g[0]: next((n for n in g if n in where), None) for g in groups}
+        if any(v is None for v in stored.values()):
+            log.info("%s: tensor names differ from the model's; loading it in full", directory)
+            return None
+        want = wanted(model)
+        slots = {}  # state-dict name -> (module, attribute)
+        for prefix, m in model.named_modules(remove_duplicate=False):
+            for attr in [*m._parameters, *m._buffers]:
+                slots[f"{prefix}.{attr}" if prefix else attr] = (m, attr)
+        read = 0
         for group in groups:
             if want.intersection(group):
                 key = stored[group[0]]
-                read += _materialize(slots, group, handles[where[key]].get_tensor(key), directory)
+                read += _materialize(slots, group, where[key].get_tensor(key), directory)
     gen = directory / "generation_config.json"
     if gen.is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
@@ -270,12 +269,10 @@ def shard_keys(model: nn.Module, include, exclude, rank: int, world_size: int, r
 
 
 def _first_float_dtype(where: dict) -> torch.dtype:
-    from safetensors import safe_open
-
-    for key, f in where.items():
-        with safe_open(f, "pt") as h:
-            t = h.get_slice(key)
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
+    """The dtype of the checkpoint's first floating-point tensor (what from_pretrained's
+    dtype="auto" picks when the config names none)."""
+    for key, h in where.items():
+        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(h.get_slice(key).get_dtype())
         if dtype is not None:
             return dtype
     return torch.float32

@@ -2,8 +2,8 @@
 
 A comparison group is a ``ScoreStream``: layers whose scores are recomputed on demand,
 in a fixed order. Selectors reduce each layer's scores to something small (a histogram,
-a count) with ``stream.map``, which on CPU overlaps a few layers in threads; they never
-hold more than those layers' scores at a time (except ``sort``, the reference, which
+a count) with ``stream.map``, one layer at a time by default; they never hold more than
+the layers in flight at a time (except ``sort``, the reference, which
 concatenates).
 
 The selected set is defined exactly: the ``k`` smallest scores, ties at the k-th value

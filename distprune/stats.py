@@ -43,7 +43,6 @@ class LayerStats:
         return (self.sumsq / max(self.count, 1)).sqrt()
 
 
-
 def batch_stats(x: torch.Tensor) -> torch.Tensor:
     """One batch's statistics of a layer's input x (..., in): [sum of x^2, sum of x, token
     count], float64, shape (2 * in + 1,)."""

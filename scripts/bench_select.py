@@ -51,6 +51,12 @@ def make_weights(shapes: str, blocks: int | None, seed: int = 0, device: str = "
     return weights, norms
 
 
+def weight_count(shapes: str, blocks: int | None) -> int:
+    """Number of weights make_weights builds, without building them."""
+    count, block = SHAPES[shapes]
+    return (blocks or count) * sum(o * i for o, i in block())
+
+
 def rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field):
@@ -248,20 +254,15 @@ def main() -> None:
         return child(args)
     if args.dist_child:
         return dist_child(args)
-    if args.workers_axis:
-        table = workers_table(args)
-        print(table)
-        if args.write:
-            n = sum(w.numel() for w in make_weights(args.shapes, args.blocks)[0])
-            write_section(Path(args.write), args, n, table, f"scoring threads {args.workers_axis}")
-        return None
-    if args.world_sizes:
-        table = ranks_table(args)
-        print(table)
-        if args.write:
-            n = sum(w.numel() for w in make_weights(args.shapes, args.blocks)[0])
-            write_section(Path(args.write), args, n, table, f"ranks {args.world_sizes}")
-        return None
+    for axis, values, make_table in (("scoring threads", args.workers_axis, workers_table),
+                                     ("ranks", args.world_sizes, ranks_table)):
+        if values:
+            table = make_table(args)
+            print(table)
+            if args.write:
+                write_section(Path(args.write), args, weight_count(args.shapes, args.blocks), table,
+                              f"{axis} {values}")
+            return None
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
