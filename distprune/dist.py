@@ -155,8 +155,12 @@ def device_of(comm: Comm, device: str) -> str:
 
 
 def shutdown() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one, all ranks in step: a collective
+    completes on one rank while its peers may still be sending, so a rank that tears down
+    its connections at once can race them (one CI run saw a rank abort at exit with
+    "terminate called without an active exception", not reproduced in 220 launches)."""
     import torch.distributed as tdist
 
     if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
         tdist.destroy_process_group()

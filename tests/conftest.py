@@ -27,6 +27,9 @@ TINY = {
     "gpt2": dict(model_type="gpt2", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                  bos_token_id=0, eos_token_id=0),
 }
+# a launched rank that dies in C++ (SIGABRT, SIGSEGV) prints its Python stack into the
+# stderr that a failing test shows
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 DATA = Path(os.environ.get("DISTPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 WIKI_VALID = DATA / "wikitext-2" / "valid.txt"
 WIKI_TEST = DATA / "wikitext-2" / "test.txt"
