@@ -44,7 +44,8 @@ class PruneResult:
         return {
             "method": self.config.method,
             "scope": self.config.scope,
-            "selector": self.config.selector if self.config.scope != "row" else "row-kthvalue",
+            **({"m": self.config.m} if self.config.scope == "nm" else {}),  # N:M's group size
+            "selector": {"row": "row-kthvalue", "nm": "nm-kthvalue"}.get(self.config.scope, self.config.selector),
             "target_sparsity": self.config.sparsity,
             "achieved_sparsity": self.zeros / self.numel,
             "pruned_fraction": self.pruned / self.numel,
@@ -56,6 +57,16 @@ class PruneResult:
             "stats_cache": self.stats_cache,
             "layers": [asdict(r) for r in self.groups.layers],
         }
+
+
+def check_groups(layers: list[PrunableLayer], cfg: PruneConfig) -> None:
+    """N:M groups must tile every row: refuse before any weight changes."""
+    if cfg.scope != "nm":
+        return
+    for layer in layers:
+        inputs = layer.weight.shape[1]
+        if inputs % cfg.m:
+            raise ConfigError(f"prune.m={cfg.m} does not divide the {inputs} inputs of {layer.name}")
 
 
 @torch.no_grad()
@@ -81,7 +92,8 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None,
         # contiguous: stream order (ties) is the flat index of the (out, in) scores
         return scorer.fn(layer.weight, norms[layer.name] if norms else None).contiguous()
 
-    groups = prune_groups(layers, score, cfg.scope, cfg.sparsity, cfg.selector, comm, show_progress,
+    check_groups(layers, cfg)
+    groups = prune_groups(layers, score, cfg.scope, cfg.sparsity, cfg.selector, comm, show_progress, m=cfg.m,
                           search_tol=cfg.search_tol, search_max_iter=cfg.search_max_iter)
     return PruneResult(cfg, groups)
 
@@ -110,6 +122,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     """
     config.check()
     layers = layers if layers is not None else prunable_layers(model, config.include, config.exclude)
+    check_groups(layers, config)
     own = own if own is not None else layers
     mode = config.resolved_mode
 

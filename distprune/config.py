@@ -15,7 +15,7 @@ from distprune.scores import SCORERS
 from distprune.select import SELECTORS
 
 METHODS = tuple(SCORERS)  # the registries own the names; the schema checks against them
-SCOPES = ("global", "layer", "row")
+SCOPES = ("global", "layer", "row", "nm")
 MODES = ("auto", "oneshot", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -46,6 +46,9 @@ class PruneConfig:
     method: str = "wanda"
     scope: str = "row"
     sparsity: float = 0.5
+    # nm scope (N:M semi-structured): every m consecutive weights of a row keep m - n, where
+    # n = sparsity * m must be a whole number (2:4 is sparsity 0.5, m 4)
+    m: int = 4
     selector: str = "radix"
     # where the statistics come from: oneshot (dense model) or sequential (block i pruned
     # before block i+1 sees its outputs); auto: sequential for row/layer, oneshot for global
@@ -70,6 +73,11 @@ class PruneConfig:
             raise ConfigError("prune.mode=sequential needs a per-layer scope; global scope needs oneshot statistics")
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"prune.sparsity={self.sparsity} is outside [0, 1)")
+        if self.m < 1:
+            raise ConfigError(f"prune.m={self.m} must be at least 1")
+        if self.scope == "nm" and abs(self.sparsity * self.m - round(self.sparsity * self.m)) > 1e-9:
+            raise ConfigError(f"prune.sparsity={self.sparsity} of prune.m={self.m} weights is not a whole number: "
+                              "N:M pruning needs sparsity = N/M (2:4 is prune.sparsity=0.5 prune.m=4)")
         if self.search_tol < 0 or self.search_max_iter < 0:
             raise ConfigError("prune.search_tol and prune.search_max_iter must be >= 0")
 

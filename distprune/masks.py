@@ -1,4 +1,4 @@
-"""Comparison groups (global, layer, row) and applying their masks as +0.0.
+"""Comparison groups (global, layer, row, N:M) and applying their masks as +0.0.
 
 Scores are recomputed from the weights for every pass instead of cached, so memory
 holds one layer's scores at a time.
@@ -50,17 +50,18 @@ def _apply(layer: PrunableLayer, mask: torch.Tensor) -> LayerResult:
 
 
 def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsity: float,
-                 selector: str, comm: Comm = SINGLE, show: bool = True, **search) -> GroupsResult:
-    """Prune round(sparsity * n) weights of every comparison group of the scope."""
+                 selector: str, comm: Comm = SINGLE, show: bool = True, m: int = 4, **search) -> GroupsResult:
+    """Prune round(sparsity * n) weights of every comparison group of the scope (nm: each
+    run of m consecutive weights of a row is a group)."""
     if scope == "global":
         return _prune_global(layers, score, sparsity, selector, comm, show, search)
     res = GroupsResult([])
     for layer in progress(layers, f"{scope} prune", "layer", show):
         t0 = time.perf_counter()
         s = score(layer)
-        if scope == "row":
+        if scope in ("row", "nm"):
             check_finite(layer.name, s)
-            mask = row_mask(s, sparsity)
+            mask = row_mask(s, sparsity) if scope == "row" else row_mask(s.view(-1, m), sparsity).view_as(s)
             res.passes += 1
         elif scope == "layer":
             stream = ScoreStream([layer.name], lambda _i, s=s: s)  # one layer: its scores fit

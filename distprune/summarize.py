@@ -24,7 +24,8 @@ def rows(sweep_dir: Path) -> list[dict]:
         r = json.loads(path.read_text())
         ppl = r.get("perplexity") or {}
         out.append({
-            "job": path.parent.name, "model": _model_name(r), "method": r["method"], "scope": r["scope"],
+            "job": path.parent.name, "model": _model_name(r), "method": r["method"],
+            "scope": f"n:{r['m']}" if r["scope"] == "nm" else r["scope"],  # N:M with M=4 reads n:4
             "selector": r["selector"],
             "mode": r.get("mode") or "-", "target_sparsity": r["target_sparsity"],
             "achieved_sparsity": round(r["achieved_sparsity"], 6), "perplexity": ppl.get("pruned"),

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from distprune.models import partition
 
 HERE = Path(__file__).resolve().parent
-JOBS = ["prune.method=magnitude,wanda", "prune.scope=global,layer,row", "prune.mode=oneshot",
+JOBS = ["prune.method=magnitude,wanda", "prune.scope=global,layer,row,nm", "prune.mode=oneshot",
         "prune.selector=radix", "model.dtype=bfloat16", "calib.nsamples=6", "calib.seqlen=32"]
 
 
@@ -40,7 +40,7 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One sweep (6 jobs) per world size; the statistics cache is shared, so every world
+    """One sweep (8 jobs) per world size; the statistics cache is shared, so every world
     size prunes wanda with the same statistics."""
     root = tmp_path_factory.mktemp("dist")
     env = {"DISTPRUNE_CACHE": str(root / "cache")}
@@ -53,8 +53,8 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("job", ["magnitude-global", "magnitude-layer", "magnitude-row",
-                                 "wanda-global", "wanda-layer", "wanda-row"])
+@pytest.mark.parametrize("job", ["magnitude-global", "magnitude-layer", "magnitude-row", "magnitude-nm",
+                                 "wanda-global", "wanda-layer", "wanda-row", "wanda-nm"])
 def test_bit_identical_to_one_process(runs, ranks, job):
     ref, got = tensors(runs[1][0] / job), tensors(runs[ranks][0] / job)
     assert ref.keys() == got.keys() and len(ref) > 10

@@ -35,6 +35,9 @@ def cli(*args, cwd):
     (["eval.source=/no/test.txt"], "eval.source='/no/test.txt' is neither"),
     (["prune.scope=global", "prune.mode=sequential"], "global scope needs oneshot statistics"),
     (["calib.nsamples=0"], "calib.nsamples=0"),
+    (["prune.scope=nm", "prune.sparsity=0.3"], "prune.sparsity=0.3 of prune.m=4 weights is not a whole number"),
+    (["prune.scope=nm", "prune.m=3", "prune.sparsity=0.6666666666666666", "prune.method=magnitude"],
+     "prune.m=3 does not divide the 64 inputs of model.layers.0.self_attn.q_proj"),  # found after loading
 ])
 def test_cli_bad_input(tmp_path, args, message):
     p = cli(*args, f"output_dir={tmp_path / 'out'}", cwd=tmp_path)

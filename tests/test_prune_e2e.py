@@ -118,6 +118,32 @@ def test_wanda_api_matches_brute_force(tiny):
     assert result.pruned == sum(int(m.sum()) for m in expected.values())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D stores (in, out); groups run along inputs
+@pytest.mark.parametrize("method, sparsity, m", [("wanda", 0.5, 4), ("magnitude", 0.75, 4), ("wanda", 0.5, 8)])
+def test_nm_matches_brute_force(tiny, arch, method, sparsity, m):
+    """N:M: of every m consecutive weights of a row, exactly n = sparsity * m go, the n
+    lowest scores (ties by position), as a stable sort of each group finds them."""
+    model = load(tiny(arch=arch).model).model
+    layers = prunable_layers(model)
+    g = torch.Generator().manual_seed(2)
+    norms = {layer.name: torch.rand(layer.weight.shape[1], generator=g, dtype=torch.float64) for layer in layers}
+    n = round(sparsity * m)
+    expected = {}
+    for layer in layers:
+        w = layer.weight.float()
+        s = (w.abs() * norms[layer.name].float()[None, :] if method == "wanda" else w.abs()).reshape(-1, m)
+        order = s.argsort(dim=1, stable=True)[:, :n]
+        expected[layer.name] = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True).view_as(w)
+    cfg = PruneConfig(method=method, scope="nm", sparsity=sparsity, m=m)
+    result = prune(model, cfg, norms=norms if method == "wanda" else None)
+    for layer in layers:
+        zero = layer.weight == 0
+        assert torch.equal(zero, expected[layer.name]), layer.name
+        assert (zero.reshape(-1, m).sum(1) == n).all()
+    assert result.pruned == result.numel * n // m
+    assert result.summary()["scope"] == "nm" and result.summary()["m"] == m
+
+
 def test_wanda_without_norms_is_an_error(tiny):
     model = load(tiny().model).model
     with pytest.raises(ValueError, match="needs activation norms"):
