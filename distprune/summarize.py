@@ -77,16 +77,9 @@ def plot(table: list[dict], path: Path) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
-    # one line per combination of the settings that differ between jobs (besides sparsity)
-    varying = [k for k in LINE_KEYS if len({r[k] for r in table}) > 1] or ["method"]
+    title, groups = series(table)
     models = sorted({r["model"] for r in table})
     dash = dict(zip(models, ("-", "--", ":", "-."), strict=False))  # a line style per model, a colour per method
-    groups: dict[tuple, list[tuple[float, float]]] = {}
-    for r in table:
-        if r["perplexity"] is not None:
-            label = ", ".join(str(r[k]) for k in varying if r[k] != "-")  # magnitude has no mode
-            method = ", ".join(str(r[k]) for k in varying if k != "model" and r[k] != "-")
-            groups.setdefault((label, method, r["model"]), []).append((r["target_sparsity"], r["perplexity"]))
     colours = {m: f"C{i}" for i, m in enumerate(sorted({method for _, method, _ in groups}))}
     for (label, method, model), points in sorted(groups.items()):
         xs, ys = zip(*sorted(points), strict=True)
@@ -96,8 +89,7 @@ def plot(table: list[dict], path: Path) -> None:
         name = f"dense {model}" if len(models) > 1 else "dense"
         style = dash.get(model, "-") if len(models) > 1 else "--"
         ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"{name} ({value:.2f})")
-    same = [f"{r0[k]}" if k == "model" else f"{k} {r0[k]}" for r0 in table[:1] for k in LINE_KEYS if k not in varying]
-    ax.set_title(", ".join(same), fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tick))
@@ -108,10 +100,34 @@ def plot(table: list[dict], path: Path) -> None:
     ax.set_xlabel("sparsity (fraction of decoder linear weights pruned)")
     ax.set_ylabel("perplexity (log scale)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the data
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
+
+
+def series(table: list[dict]) -> tuple[str, dict[tuple[str, str, str], list[tuple[float, float]]]]:
+    """The picture's title (the settings every job shares) and its lines: one per
+    combination of the settings that differ between jobs, besides sparsity, keyed by
+    (label, label without the model, model) and holding (sparsity, perplexity) points."""
+    varying = [k for k in LINE_KEYS if len({_shown(r, k) for r in table} - {None}) > 1] or ["method"]
+    groups: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for r in table:
+        if r["perplexity"] is not None:
+            label = ", ".join(v for k in varying if (v := _shown(r, k)) is not None)
+            method = ", ".join(v for k in varying if k != "model" and (v := _shown(r, k)) is not None)
+            groups.setdefault((label, method, r["model"]), []).append((r["target_sparsity"], r["perplexity"]))
+    same = [v if k == "model" else f"{k} {v}" for k in LINE_KEYS if k not in varying
+            for v in sorted({_shown(r, k) for r in table} - {None})]
+    return ", ".join(same), groups
+
+
+def _shown(row: dict, key: str) -> str | None:
+    """What a line's label or the title shows of a setting: nothing for magnitude's mode
+    ("-") or for a selector that the scope implies (row and N:M use kthvalue)."""
+    v = row[key]
+    if v == "-" or (key == "selector" and row["scope"] not in ("global", "layer")):
+        return None
+    return str(v)
 
 
 def _tick(v: float, _pos=None) -> str:

@@ -134,3 +134,23 @@ def test_summary_of_several_models(tmp_path):
     table = summarize.write(tmp_path)
     assert [(r["model"], r["target_sparsity"]) for r in table] == [("a", 0.3), ("a", 0.6), ("b", 0.3), ("b", 0.6)]
     assert (tmp_path / "summary.png").stat().st_size > 10000
+
+
+def test_picture_lines_name_what_differs():
+    """Lines are named by the settings that differ; a selector that the scope implies (row,
+    N:M) and magnitude's missing mode are left out; what every job shares is the title."""
+    from distprune.summarize import series
+
+    def row(method, scope, selector, mode, ppl):
+        return {"model": "smol", "method": method, "scope": scope, "selector": selector, "mode": mode,
+                "target_sparsity": 0.5, "perplexity": ppl}
+
+    table = [row("magnitude", "n:4", "nm-kthvalue", "-", 900.0),
+             row("wanda", "n:4", "nm-kthvalue", "sequential", 90.0),
+             row("wanda", "row", "row-kthvalue", "sequential", 50.0),
+             row("wanda", "global", "radix", "sequential", 60.0)]
+    title, lines = series(table)
+    assert title == "smol, mode sequential, selector radix"  # the one selector that is not implied
+    labels = sorted(label for label, _, _ in lines)
+    assert labels == ["magnitude, n:4", "wanda, global", "wanda, n:4", "wanda, row"]
+    assert lines["wanda, n:4", "wanda, n:4", "smol"] == [(0.5, 90.0)]
