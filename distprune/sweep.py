@@ -102,6 +102,9 @@ OmegaConf.register_new_resolver("distprune_job_dir", lambda task, num: sweep_job
                                 replace=True)
 # conf/model/hf.yaml: name: ${distprune_basename:${.path}}, e.g. Llama-2-7b-hf for meta-llama/Llama-2-7b-hf
 OmegaConf.register_new_resolver("distprune_basename", basename, replace=True)
+# conf/config.yaml: output_dir names the scope, and N:M's group size (nm4, nm8): 2:4 and 4:8 differ
+OmegaConf.register_new_resolver("distprune_scope", lambda scope, m: f"nm{m}" if scope == "nm" else scope,
+                                replace=True)
 
 
 JOB_PARENTS: list[Path] = []  # where this process's sweep jobs wrote, for the summary at its end

@@ -154,3 +154,16 @@ def test_picture_lines_name_what_differs():
     labels = sorted(label for label, _, _ in lines)
     assert labels == ["magnitude, n:4", "wanda, global", "wanda, n:4", "wanda, row"]
     assert lines["wanda, n:4", "wanda, n:4", "smol"] == [(0.5, 90.0)]
+
+
+def test_default_output_dir_names_the_scope():
+    """2:4 and 4:8 at the same sparsity get different default output directories."""
+    from hydra import compose, initialize_config_dir
+
+    from distprune.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        nm = compose("config", overrides=["prune=wanda-2of4", "prune.m=8"])
+        row = compose("config", overrides=["prune.method=magnitude"])
+    assert nm.output_dir == "outputs/smollm2-135m-wanda-nm8-0.5"
+    assert row.output_dir == "outputs/smollm2-135m-magnitude-row-0.5"
