@@ -111,19 +111,32 @@ JOB_PARENTS: list[Path] = []  # where this process's sweep jobs wrote, for the s
 
 
 class SweepEnd(Callback):
-    """At the end of a sweep rank 0 writes summary.csv/md/png into the directory that
-    holds the job directories (``distprune.summarize``); then the process group ends."""
+    """Rank 0 keeps summary.csv/md/png (``distprune.summarize``) current in the directory
+    that holds the job directories: rewritten after every job, so a sweep that stops early
+    (a failing job, Ctrl-C) still has the summary of the jobs that finished. At the end of
+    the sweep it is logged, and the process group ends."""
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        self._summarize(final=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if int(os.environ.get("RANK", "0")) == 0:
-            for parent in dict.fromkeys(JOB_PARENTS):
-                try:
-                    table = summarize.write(parent)
-                    log.info("summary: %d jobs in %s/summary.csv, summary.md%s", len(table), parent,
-                             ", summary.png" if (parent / "summary.png").exists() else "")
-                except FileNotFoundError as e:
-                    log.warning("no summary: %s", e)
+        self._summarize(final=True)
         dist.shutdown()
+
+    @staticmethod
+    def _summarize(final: bool) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        for parent in dict.fromkeys(JOB_PARENTS):
+            try:
+                table = summarize.write(parent)
+            except FileNotFoundError as e:
+                if final:
+                    log.warning("no summary: %s", e)
+                continue
+            if final:
+                log.info("summary: %d jobs in %s/summary.csv, summary.md%s", len(table), parent,
+                         ", summary.png" if (parent / "summary.png").exists() else "")
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         dist.shutdown()

@@ -167,3 +167,14 @@ def test_default_output_dir_names_the_scope():
         row = compose("config", overrides=["prune.method=magnitude"])
     assert nm.output_dir == "outputs/smollm2-135m-wanda-nm8-0.5"
     assert row.output_dir == "outputs/smollm2-135m-magnitude-row-0.5"
+
+
+def test_a_sweep_that_stops_early_has_the_summary_of_its_finished_jobs(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "distprune", "-m", "model=tiny-llama", "prune.method=magnitude",
+                        "prune.sparsity=0.3,1.5", "save=false"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and "prune.sparsity=1.5 is outside [0, 1)" in p.stderr
+    sweep_dir = tmp_path / "sweeps" / "tiny-llama"
+    assert sorted(d.name for d in sweep_dir.iterdir() if d.is_dir()) == ["prune.sparsity=0.3"]
+    with open(sweep_dir / "summary.csv") as f:
+        assert [r["target_sparsity"] for r in csv.DictReader(f)] == ["0.3"]
