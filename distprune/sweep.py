@@ -130,9 +130,12 @@ class SweepEnd(Callback):
         for parent in dict.fromkeys(JOB_PARENTS):
             try:
                 table = summarize.write(parent)
-            except FileNotFoundError as e:
+            except FileNotFoundError as e:  # no job has finished yet
                 if final:
                     log.warning("no summary: %s", e)
+                continue
+            except Exception as e:  # e.g. an unreadable report from an earlier sweep: never stop this one
+                log.warning("summary of %s not written: %s: %s", parent, type(e).__name__, e)
                 continue
             if final:
                 log.info("summary: %d jobs in %s/summary.csv, summary.md%s", len(table), parent,

@@ -178,3 +178,15 @@ def test_a_sweep_that_stops_early_has_the_summary_of_its_finished_jobs(tmp_path)
     assert sorted(d.name for d in sweep_dir.iterdir() if d.is_dir()) == ["prune.sparsity=0.3"]
     with open(sweep_dir / "summary.csv") as f:
         assert [r["target_sparsity"] for r in csv.DictReader(f)] == ["0.3"]
+
+
+def test_an_unreadable_old_report_does_not_stop_a_sweep(tmp_path):
+    old = tmp_path / "sweeps" / "tiny-llama" / "old-job"
+    old.mkdir(parents=True)
+    (old / "distprune_report.json").write_text("{")  # e.g. a job killed while it wrote
+    p = subprocess.run([sys.executable, "-m", "distprune", "-m", "model=tiny-llama", "prune.method=magnitude",
+                        "prune.sparsity=0.3,0.5", "save=false"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("not written: JSONDecodeError") == 3  # after each job and at the end
+    assert (old.parent / "prune.sparsity=0.5" / "distprune_report.json").is_file()
