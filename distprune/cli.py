@@ -154,17 +154,16 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     if cfg.eval.source:
         windows = eval_windows(cfg, loaded.tokenizer)
     if cfg.eval.source and cfg.eval.dense:
-        key = json.dumps([models.fingerprint(cfg.model), OmegaConf.to_container(OmegaConf.structured(cfg.eval))])
-        if shared is not None and key in shared.dense_perplexity:  # the same dense model, the same windows
-            ppl["dense"] = shared.dense_perplexity[key]
+        def dense() -> float:
+            with phase(seconds, "eval_dense"):
+                return evaluate_ppl(cfg, loaded.model, windows, device, comm)
+
+        ppl["dense"], reused = shared.dense_perplexity(cfg.model, cfg.eval, dense) if shared else (dense(), False)
+        if reused:
             log.info("eval: dense perplexity %.3f (from an earlier job of this sweep)", ppl["dense"])
         else:
-            with phase(seconds, "eval_dense"):
-                ppl["dense"] = evaluate_ppl(cfg, loaded.model, windows, device, comm)
             log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source,
                      seconds["eval_dense"])
-            if shared is not None:
-                shared.dense_perplexity[key] = ppl["dense"]
 
     sent = comm.bytes_communicated  # count statistics and selection only: loading and evaluation gather too
     result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm)

@@ -4,7 +4,7 @@ Hydra runs a sweep's jobs one after another in each process (every rank walks th
 job list). The model is loaded once and restored to its dense weights before each job;
 the dense perplexity is computed once. Every job writes into a directory under one sweep
 directory, named from the command line so that every rank agrees on it (a timestamp would
-not); at the end rank 0 writes the summary there.
+not); after every job rank 0 rewrites the summary there.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from distprune import dist, summarize
-from distprune.config import ModelConfig
+from distprune.config import EvalConfig, ModelConfig
 from distprune.models import LoadedModel, fingerprint, load, prunable_layers
 
 log = logging.getLogger("distprune")
@@ -37,7 +38,7 @@ class SweepModels:
         self.key: str | None = None
         self.loaded: LoadedModel | None = None
         self.dense: dict[str, torch.Tensor] = {}
-        self.dense_perplexity: dict[str, float] = {}  # (model, eval settings) -> perplexity of the dense model
+        self._dense_ppl: dict[str, float] = {}  # (model, eval settings) -> perplexity of the dense model
 
     def get(self, cfg: ModelConfig) -> tuple[LoadedModel, bool]:
         """(the model, True when it was reused with its dense weights restored)."""
@@ -53,6 +54,18 @@ class SweepModels:
         self.dense = {layer.name: layer.module.weight.detach().clone() for layer in prunable_layers(loaded.model)}
         self.key, self.loaded = key, loaded
         return loaded, False
+
+
+    def dense_perplexity(self, model: ModelConfig, evaluation: EvalConfig,
+                         compute: Callable[[], float]) -> tuple[float, bool]:
+        """(the dense model's perplexity, True when an earlier job computed it): the same
+        model and evaluation settings give the same windows and the same number."""
+        key = json.dumps([fingerprint(model), OmegaConf.to_container(OmegaConf.structured(evaluation))],
+                         sort_keys=True, default=str)
+        if key in self._dense_ppl:
+            return self._dense_ppl[key], True
+        self._dense_ppl[key] = compute()
+        return self._dense_ppl[key], False
 
 
 MODELS = SweepModels()  # one per process
