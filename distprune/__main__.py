@@ -1,4 +1,4 @@
-from distprune.cli import main
+from distprune.cli import entry, main
 
 if __name__ == "__main__":
-    main()
+    entry(main)

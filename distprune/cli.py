@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -128,6 +130,12 @@ def gather_layers(result: PruneResult, comm: Comm) -> None:
         result.groups.layers = [r for part in parts for r in part]
 
 
+def windows_used(cfg: Config) -> dict[str, int]:
+    """The window lengths this job runs through the model."""
+    used = {"calib.seqlen": cfg.calib.seqlen} if SCORERS[cfg.prune.method].needs_stats else {}
+    return {**used, **({"eval.seqlen": cfg.eval.seqlen} if cfg.eval.source else {})}
+
+
 def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> dict:
     """Run one pruning job; returns the report. Raises ConfigError on bad input. Jobs of a
     sweep pass one SweepModels so that the model is loaded once."""
@@ -138,6 +146,9 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     if cfg.eval.source:
         data.check_source(cfg.eval.source, "eval.source")
     out = checkpoint.check_output(cfg.output_dir, cfg.overwrite, models.input_dir(cfg.model))
+    if not SCORERS[cfg.prune.method].needs_stats and cfg.prune.mode != "auto":
+        log.warning("prune.mode=%s has no effect with prune.method=%s: it calibrates nothing", cfg.prune.mode,
+                    cfg.prune.method)
     device = dist.device_of(comm, resolve_device(cfg.device))
     seconds: dict[str, float] = {}
 
@@ -145,6 +156,9 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         loaded, how = load_model(cfg, comm, shared)
         layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude)
         parts = models.partition(layers, comm.world_size)
+        models.check_context(loaded.model, windows_used(cfg))
+        if how["mode"] != "reused":  # a reused model is restored from weights checked before
+            models.check_finite(loaded.model)
     log.info("load: %s from %s (%s) in %.1fs", models.describe(loaded.model, layers), loaded.source, how["mode"],
              seconds["load"])
     if comm.world_size > 1:
@@ -205,7 +219,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         "seconds": seconds,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }
-    with checkpoint.atomic_dir(out, comm) as tmp:
+    with checkpoint.atomic_dir(out, comm, cfg.overwrite) as tmp:
         with phase(seconds, "save"):
             if cfg.save:
                 checkpoint.write_checkpoint(tmp, loaded.model, loaded.tokenizer, cfg.max_shard_size,
@@ -219,7 +233,15 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
 register_configs()
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # top-level conf/ of the checkout
+def conf_dir() -> str:
+    """The Hydra configs: conf/ of a checkout (an editable install), or distprune/conf,
+    where an installed wheel carries a copy of it (pyproject.toml)."""
+    here = Path(__file__).resolve().parent
+    return str(next((d for d in (here.parent / "conf", here / "conf") if (d / "config.yaml").is_file()),
+                    here / "conf"))
+
+
+CONF_DIR = conf_dir()
 
 
 def setup_logging(comm: Comm) -> None:
@@ -231,6 +253,7 @@ def setup_logging(comm: Comm) -> None:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
+    dist.exit_on_sigterm()
     comm = dist.init()
     setup_logging(comm)
     hc = HydraConfig.get()
@@ -258,6 +281,42 @@ def main(dcfg: DictConfig) -> None:
         raise
 
 
+def _one_line(e: BaseException) -> str:
+    """Hydra's and OmegaConf's errors in one line: the first line of the error and of its
+    cause (e.g. "Error merging override prune.sparsity=abc: Value 'abc' of type 'str'
+    could not be converted to Float"); a missing preset also lists the group's options."""
+    from hydra.errors import MissingConfigException
+
+    lines = [str(x).strip().splitlines()[0] for x in (e, e.__cause__) if x is not None and str(x).strip()]
+    if isinstance(e, MissingConfigException) and e.options:
+        lines.append(f"options: {', '.join(e.options)}")
+    return ": ".join(dict.fromkeys(lines)) or type(e).__name__
+
+
+def entry(app: Callable[[], None]) -> None:
+    """What ``python -m distprune`` (and ``distprune.eval``) run: the Hydra app, with bad
+    settings that Hydra itself rejects (a value of the wrong type, an unknown key or
+    preset, an unparsable override) reported in one line with exit code 2, like the
+    settings distprune checks, and Ctrl-C in one line per process with exit code 130.
+    HYDRA_FULL_ERROR=1 keeps Hydra's full tracebacks."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them and exiting 1
+    tag = f" rank {os.environ.get('RANK', '0')}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    try:
+        app()
+    except KeyboardInterrupt:
+        print(f"distprune{tag}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (HydraException, OmegaConfBaseException) as e:
+        if full:
+            raise
+        print(f"distprune{tag}: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_eval(cfg: Config) -> dict:
     """Perplexity of the model that cfg names; no pruning."""
     cfg.model.check()
@@ -268,6 +327,7 @@ def run_eval(cfg: Config) -> dict:
     data.check_source(cfg.eval.source, "eval.source")
     t0 = time.perf_counter()
     loaded = models.load(cfg.model, "cpu")
+    models.check_context(loaded.model, {"eval.seqlen": cfg.eval.seqlen})
     ppl = evaluate_ppl(cfg, loaded.model, eval_windows(cfg, loaded.tokenizer), resolve_device(cfg.device))
     result = {"model": loaded.source, "eval_source": cfg.eval.source, "seqlen": cfg.eval.seqlen,
               "max_windows": cfg.eval.max_windows, "perplexity": ppl, "seconds": round(time.perf_counter() - t0, 2)}

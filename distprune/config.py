@@ -80,6 +80,23 @@ class PruneConfig:
                               "N:M pruning needs sparsity = N/M (2:4 is prune.sparsity=0.5 prune.m=4)")
         if self.search_tol < 0 or self.search_max_iter < 0:
             raise ConfigError("prune.search_tol and prune.search_max_iter must be >= 0")
+        self._check_effective()
+
+    def _check_effective(self) -> None:
+        """Refuse a setting that would be silently ignored in the chosen scope (a value
+        other than its default that nothing reads)."""
+        defaults = PruneConfig.__dataclass_fields__
+        if self.scope in ("row", "nm") and self.selector != defaults["selector"].default:
+            raise ConfigError(f"prune.selector={self.selector} has no effect with prune.scope={self.scope}: "
+                              f"row and N:M groups are always selected exactly per group (selector {self.scope}-kthvalue); "
+                              "selectors apply to the global and layer scopes")
+        if self.scope != "nm" and self.m != defaults["m"].default:
+            raise ConfigError(f"prune.m={self.m} has no effect with prune.scope={self.scope}: it is N:M's group size "
+                              "(prune.scope=nm)")
+        for key in ("search_tol", "search_max_iter"):
+            if self.selector != "search" and getattr(self, key) != defaults[key].default:
+                raise ConfigError(f"prune.{key}={getattr(self, key)} has no effect with prune.selector="
+                                  f"{self.selector}: it tunes prune.selector=search")
 
 
 @dataclass

@@ -26,8 +26,14 @@ def check_source(source: str, key: str) -> None:
     if source in ("self", "random") and key == "calib.source":
         return
     if source not in PRESETS and not Path(source).expanduser().exists():
-        allowed = ", ".join([*PRESETS, "self", "random"] if key == "calib.source" else PRESETS)
-        raise ConfigError(f"{key}={source!r} is neither a file, a folder nor a preset ({allowed})")
+        group = key.split(".")[0]
+        presets = ["self", "wikitext2-local", *PRESETS] if group == "calib" else ["wikitext2-local", *PRESETS]
+        hint = ""
+        if Path(source).parent.name == "wikitext-2":  # what calib/eval=wikitext2-local point at
+            hint = (f" ({group}=wikitext2-local reads $DISTPRUNE_DATA/wikitext-2/{Path(source).name}; "
+                    "set DISTPRUNE_DATA to the folder that holds wikitext-2/)")
+        raise ConfigError(f"{key}={source!r} does not exist{hint}; give a text file or folder, or a preset: "
+                          + ", ".join(f"{group}={p}" for p in presets))
 
 
 def read_text(source: str, key: str, split: str = "calib") -> str:

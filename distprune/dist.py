@@ -141,10 +141,13 @@ def init(timeout_s: float = 600.0) -> Comm:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    # torchrun ends the other ranks with SIGTERM when one fails: exit through Python so
-    # that temporary output directories are removed on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return Comm(distributed=True)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (torchrun ends the other ranks with it when one fails; kill's default) exits
+    through Python, so that every process removes its temporary output on the way out."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def device_of(comm: Comm, device: str) -> str:

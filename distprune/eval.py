@@ -1,7 +1,7 @@
 """`python -m distprune.eval model=hf model.path=DIR eval=wikitext2-local`: perplexity of any
 checkpoint, the dense one included."""
 
-from distprune.cli import eval_main
+from distprune.cli import entry, eval_main
 
 if __name__ == "__main__":
-    eval_main()
+    entry(eval_main)

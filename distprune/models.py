@@ -93,9 +93,54 @@ def check_source(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.path={cfg.path!r} is a file but not a .gguf file")
         if p.is_dir() and not (p / "config.json").is_file():
             raise ConfigError(f"model.path={cfg.path!r} has no config.json: not a Hugging Face model directory")
+        check_files(p)
         return
     if not HUB_ID.match(cfg.path):
         raise ConfigError(f"model.path={cfg.path!r} does not exist")
+
+
+def check_files(path: Path) -> None:
+    """Refuse, naming the file, a safetensors or GGUF file that is cut short or corrupt
+    (a copy or download that stopped): from_pretrained would fail with a traceback deep
+    inside the reader. Reads only the headers."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
+    for f in files:
+        problem = _gguf_problem(f) if f.suffix == ".gguf" else _safetensors_problem(f)
+        if problem:
+            raise ConfigError(f"model file {str(f)!r} is corrupt or incomplete: {problem}")
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return f"its header needs {8 + n} bytes, the file has {size}"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return "its header is not valid JSON"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and "data_offsets" in v]
+    need = 8 + n + max(ends, default=0)
+    return f"its tensors need {need} bytes, the file has {size}" if need > size else None
+
+
+def _gguf_problem(f: Path) -> str | None:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(f)
+        size = f.stat().st_size
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                return f"tensor {t.name} needs {t.data_offset + t.n_bytes} bytes, the file has {size}"
+    except Exception as e:  # the reader fails in many ways on a cut file: struct, numpy, value errors
+        return f"unreadable GGUF ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})".replace(": )", ")")
+    return None
 
 
 def input_dir(cfg: ModelConfig) -> Path | None:
@@ -308,6 +353,34 @@ def builtin_dir(name: str) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model whose loaded floating-point tensors hold NaN or Inf, naming the first
+    such tensor: its scores, or the statistics of every layer after it, would be
+    meaningless (tensors on the meta device, not loaded by this rank, are skipped)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ConfigError(f"model tensor {name} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or Inf): "
+                              "the checkpoint is damaged")
+
+
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length")
+
+
+def check_context(model: nn.Module, windows: dict[str, int]) -> None:
+    """Refuse windows longer than the model's context (``{"calib.seqlen": 512}``): learned
+    position tables index out of range (GPT-2, OPT), rotary models run past what they were
+    trained on and give meaningless statistics and perplexity."""
+    config = model.config
+    limit = next(((k, getattr(config, k)) for k in CONTEXT_KEYS if isinstance(getattr(config, k, None), int)), None)
+    if limit is None:
+        return
+    for key, seqlen in windows.items():
+        if seqlen > limit[1]:
+            raise ConfigError(f"{key}={seqlen} is longer than the model's context of {limit[1]} tokens "
+                              f"({limit[0]}); use {key}<={limit[1]}")
 
 
 def describe(model: nn.Module, layers: list[PrunableLayer]) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 from distprune.dist import SINGLE, Comm
 from distprune.models import PrunableLayer, decoder_blocks
 from distprune.progress import progress
+from distprune.select import NonFiniteScoreError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when the statistics change meaning
@@ -155,6 +156,10 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
             for h in handles:
                 h.remove()
         merge([stats[name] for name in partials], list(partials.values()), comm)
+        for name in partials:  # never prune with, or cache, non-finite statistics
+            if not (torch.isfinite(stats[name].sumsq).all() and torch.isfinite(stats[name].sum).all()):
+                raise NonFiniteScoreError(f"non-finite (NaN or Inf) calibration statistics at the input of layer "
+                                          f"{name}: the activations reaching it overflow")
         if mode == "sequential" and by_block.get(i):
             on_block(i, by_block[i], stats)
             outputs = _run_block(block, inputs)  # block i's outputs with its pruned weights

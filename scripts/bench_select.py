@@ -145,7 +145,7 @@ def dist_child(args) -> None:
         sent = comm.bytes_communicated - before
     if comm.is_main:
         print(json.dumps({"times": times, "bytes": sent, "passes": sel.passes, "n": n}))
-    dist.shutdown(comm)
+    dist.shutdown()
 
 
 def run_ranks(args, score: str, method: str, ranks: int) -> dict:
@@ -157,7 +157,7 @@ def run_ranks(args, score: str, method: str, ranks: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        return {"failed": out.stderr.strip().splitlines()[-1]}
+        return {"failed": error_line(out.stderr)}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -217,7 +217,7 @@ def run_one(args, score: str, method: str, mask_path: str) -> dict:
         cmd += ["--blocks", str(args.blocks)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:  # killed by the kernel's OOM killer (-9), or a real error
-        why = "killed: out of memory" if out.returncode == -9 else out.stderr.strip().splitlines()[-1]
+        why = "killed: out of memory" if out.returncode == -9 else error_line(out.stderr)
         return {"failed": why}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -262,7 +262,7 @@ def main() -> None:
             if args.write:
                 write_section(Path(args.write), args, weight_count(args.shapes, args.blocks), table,
                               f"{axis} {values}")
-            return None
+            return exit_on_errors(table)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -289,8 +289,23 @@ def main() -> None:
                 })
     table = render(rows)
     print(table)
-    if args.write:
+    if args.write and any("n" in r for r in rows):
         write_section(Path(args.write), args, next(r["n"] for r in rows if "n" in r), table)
+    exit_on_errors(table)
+
+
+def error_line(stderr: str) -> str:
+    """What a failed child says: its last line naming an error (torchrun ends with a banner)."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    return "error: " + next((x.strip() for x in reversed(lines) if "Error" in x), lines[-1].strip())
+
+
+def exit_on_errors(table: str) -> None:
+    """A measurement that failed for any reason but memory (a broken script, a bad
+    argument) fails the run: the table alone would hide it."""
+    broken = [line for line in table.splitlines() if line.startswith("|") and "| error: " in line]
+    if broken:
+        sys.exit(f"{len(broken)} measurement(s) failed:\n" + "\n".join(broken))
 
 
 def render(rows: list[dict]) -> str:

@@ -51,19 +51,23 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=64)
     p.add_argument("--write", default=None)
+    p.add_argument("--data", default=str(DATA), help="folder that holds wikitext-2/{valid,test}.txt")
+    p.add_argument("--model-path", default=None, help="a Hugging Face model directory instead of the built-in model")
     args = p.parse_args()
 
-    valid, test = DATA / "wikitext-2" / "valid.txt", DATA / "wikitext-2" / "test.txt"
+    data = Path(args.data)
+    valid, test = data / "wikitext-2" / "valid.txt", data / "wikitext-2" / "test.txt"
     if not test.is_file():
-        sys.exit(f"WikiText-2 not found under {DATA} (set DISTPRUNE_DATA)")
+        sys.exit(f"WikiText-2 not found under {data} (pass --data or set DISTPRUNE_DATA)")
+    model = ModelConfig(name="hf", path=args.model_path) if args.model_path else ModelConfig()
     ev = EvalConfig(source=str(test), seqlen=args.eval_seqlen, max_windows=args.max_windows, dense=False)
     rows, per_block = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        dense = run_eval(Config(model=ModelConfig(), eval=ev, device="cpu"))["perplexity"]
+        dense = run_eval(Config(model=model, eval=ev, device="cpu"))["perplexity"]
         rows.append(("dense", "-", dense, time.perf_counter() - t0, "-"))
         for i, (label, prune, calib) in enumerate(ROWS):
-            cfg = Config(model=ModelConfig(), prune=PruneConfig(sparsity=args.sparsity, **prune),
+            cfg = Config(model=model, prune=PruneConfig(sparsity=args.sparsity, **prune),
                          calib=CalibConfig(source=str(valid) if calib == "file" else "self",
                                            nsamples=args.nsamples, seqlen=args.seqlen),
                          eval=ev, output_dir=f"{tmp}/{i}", save=False, device="cpu")

@@ -1,6 +1,7 @@
 """Tiny random-weight models built from transformers configs: no download, a second each."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,38 @@ TINY = {
 # a launched rank that dies in C++ (SIGABRT, SIGSEGV) prints its Python stack into the
 # stderr that a failing test shows
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
-DATA = Path(os.environ.get("DISTPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-WIKI_VALID = DATA / "wikitext-2" / "valid.txt"
-WIKI_TEST = DATA / "wikitext-2" / "test.txt"
-needs_wikitext = pytest.mark.skipif(not WIKI_VALID.is_file(), reason=f"WikiText-2 not found under {DATA}")
+# never the user's ~/.cache/distprune: one temporary cache for the whole run (the built-in
+# model is converted into it once), inherited by every process a test launches
+_CACHE = tempfile.TemporaryDirectory(prefix="distprune-test-cache-")
+os.environ["DISTPRUNE_CACHE"] = _CACHE.name
+os.environ.pop("DISTPRUNE_DATA", None)  # presets resolve the same on every machine
+
+
+def make_text(seed: int, words: int) -> str:
+    """English-like text with a Zipf-distributed vocabulary and sentences of 5-20 words:
+    what the tests need of a corpus (a word-level tokenizer, windows, perplexity), written
+    by the test itself so that no data has to be on the machine."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(600)]
+    weights = [1 / (i + 1) for i in range(len(vocab))]
+    out, n = [], 0
+    while n < words:
+        length = rng.randint(5, 20)
+        out.append(" ".join(rng.choices(vocab, weights, k=length)) + " .")
+        n += length + 1
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A folder laid out like $DISTPRUNE_DATA: wikitext-2/valid.txt and test.txt."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "wikitext-2").mkdir()
+    (root / "wikitext-2" / "valid.txt").write_text(make_text(1, 40000))
+    (root / "wikitext-2" / "test.txt").write_text(make_text(2, 20000))
+    return root
 
 
 def word_tokenizer(text: str, vocab_size: int = 256):

@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from conftest import TINY, WIKI_TEST, WIKI_VALID, needs_wikitext, word_tokenizer
+from conftest import TINY, word_tokenizer
 from safetensors.torch import load_file
 
 from distprune import PruneConfig, prune, stats
@@ -240,19 +240,36 @@ def test_perplexity_matches_hf_loss():
     assert perplexity(model, ids, batch_size=2, show=False) == pytest.approx(expected, rel=1e-5)
 
 
-@needs_wikitext
-def test_wanda_end_to_end_on_wikitext_with_eval(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTPRUNE_CACHE", str(tmp_path / "cache"))
-    ckpt = tiny_checkpoint(text=WIKI_VALID.read_text()[:200000])
+def hf_perplexity(model_dir, text_file, seqlen: int, max_windows: int) -> float:
+    """Reference: exp(mean HF loss) over the first non-overlapping windows of the text
+    (every window has seqlen - 1 predicted tokens, so the mean of the losses is the mean
+    over all tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = AutoTokenizer.from_pretrained(model_dir)(text_file.read_text(), add_special_tokens=False)["input_ids"]
+    wins = torch.tensor(ids[: max_windows * seqlen]).view(max_windows, seqlen)
+    with torch.no_grad():
+        losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in wins]
+    return math.exp(sum(losses) / len(losses))
+
+
+def test_wanda_end_to_end_with_eval(tiny_checkpoint, tmp_path, corpus):
+    """Dense and pruned perplexity in the report are those of the input model and of the
+    written checkpoint, each computed independently from Hugging Face's loss."""
+    valid, test = corpus / "wikitext-2" / "valid.txt", corpus / "wikitext-2" / "test.txt"
+    ckpt = tiny_checkpoint(text=valid.read_text())
     from distprune.config import Config
 
     cfg = Config(model=ModelConfig(name="ckpt", path=str(ckpt)),
                  prune=PruneConfig(method="wanda", scope="row", sparsity=0.5),
-                 calib=CalibConfig(source=str(WIKI_VALID), nsamples=4, seqlen=32),
-                 eval=EvalConfig(source=str(WIKI_TEST), seqlen=32, max_windows=8),
+                 calib=CalibConfig(source=str(valid), nsamples=4, seqlen=32),
+                 eval=EvalConfig(source=str(test), seqlen=32, max_windows=8),
                  output_dir=str(tmp_path / "out"), device="cpu")
     report = run(cfg)
-    assert report["perplexity"]["dense"] > 1 and report["perplexity"]["pruned"] > 1
+    assert report["perplexity"]["dense"] == pytest.approx(hf_perplexity(ckpt, test, 32, 8), rel=1e-4)
+    assert report["perplexity"]["pruned"] == pytest.approx(hf_perplexity(tmp_path / "out", test, 32, 8), rel=1e-4)
+    assert report["perplexity"]["pruned"] != pytest.approx(report["perplexity"]["dense"], rel=1e-3)
     assert report["mode"] == "sequential"
     assert set(report["seconds"]) >= {"load", "eval_dense", "statistics", "score+select", "mask", "eval", "save"}
 
@@ -278,15 +295,16 @@ def test_sweep_computes_oneshot_statistics_once(tmp_path):
     assert swept.keys() == single.keys() and all(torch.equal(swept[k], single[k]) for k in swept)
 
 
-@needs_wikitext
-def test_eval_entry_on_any_checkpoint(tiny_checkpoint, tmp_path):
-    ckpt = tiny_checkpoint(text=WIKI_VALID.read_text()[:100000])
+def test_eval_entry_on_any_checkpoint(tiny_checkpoint, tmp_path, corpus):
+    valid, test = corpus / "wikitext-2" / "valid.txt", corpus / "wikitext-2" / "test.txt"
+    ckpt = tiny_checkpoint(text=valid.read_text())
     p = subprocess.run([sys.executable, "-m", "distprune.eval", "model=hf", f"model.path={ckpt}",
-                        f"eval.source={WIKI_TEST}", "eval.seqlen=32", "eval.max_windows=4"],
+                        f"eval.source={test}", "eval.seqlen=32", "eval.max_windows=4"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout.strip().splitlines()[-1])
-    assert result["perplexity"] > 1 and result["max_windows"] == 4
+    assert result["perplexity"] == pytest.approx(hf_perplexity(ckpt, test, 32, 4), rel=1e-4)
+    assert result["max_windows"] == 4
     bad = subprocess.run([sys.executable, "-m", "distprune.eval", "model=hf", f"model.path={ckpt}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "eval.source is not set" in bad.stderr

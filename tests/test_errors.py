@@ -31,8 +31,18 @@ def cli(*args, cwd):
     (["model=hf", "model.path=/no/such/model"], "model.path='/no/such/model' does not exist"),
     (["prune.sparsity=half"], "prune.sparsity"),  # Hydra's type check, before any model loads
     (["prune.sparsty=0.5"], "sparsty"),  # a typo in a key
-    (["calib.source=/no/text.txt"], "calib.source='/no/text.txt' is neither a file, a folder nor a preset"),
-    (["eval.source=/no/test.txt"], "eval.source='/no/test.txt' is neither"),
+    (["calib.source=/no/text.txt"], "calib.source='/no/text.txt' does not exist; give a text file or folder, "
+                                    "or a preset: calib=self, calib=wikitext2-local"),
+    (["calib=wikitext2-local"], "calib=wikitext2-local reads $DISTPRUNE_DATA/wikitext-2/valid.txt; set DISTPRUNE_DATA"),
+    (["eval.source=/no/test.txt"], "eval.source='/no/test.txt' does not exist"),
+    (["prune.sparsity=abc"], "Error merging override prune.sparsity=abc: Value 'abc' of type 'str' could not be "
+                             "converted to Float"),
+    (["prune=nope"], "Could not find 'prune/nope': options: magnitude, wanda"),
+    (["prune.selector=search"], "prune.selector=search has no effect with prune.scope=row"),
+    (["prune.scope=global", "prune.m=8"], "prune.m=8 has no effect with prune.scope=global"),
+    (["prune.scope=global", "prune.search_tol=0.01"], "prune.search_tol=0.01 has no effect with prune.selector=radix"),
+    (["calib.seqlen=2048"], "calib.seqlen=2048 is longer than the model's context of 1024 tokens "
+                            "(max_position_embeddings)"),  # found after loading
     (["prune.scope=global", "prune.mode=sequential"], "global scope needs oneshot statistics"),
     (["calib.nsamples=0"], "calib.nsamples=0"),
     (["prune.scope=nm", "prune.sparsity=0.3"], "prune.sparsity=0.3 of prune.m=4 weights is not a whole number"),
@@ -41,8 +51,9 @@ def cli(*args, cwd):
 ])
 def test_cli_bad_input(tmp_path, args, message):
     p = cli(*args, f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert p.returncode != 0
-    assert message in p.stderr
+    assert p.returncode == 2, p.stderr
+    last = p.stderr.strip().splitlines()[-1]  # the error is one line, the last
+    assert message in last and ("ERROR" in last or "error:" in last)
     assert "Traceback" not in p.stderr
     assert os.listdir(tmp_path) == []  # nothing written, not even a Hydra run directory
 
@@ -150,3 +161,110 @@ def test_nan_weight_names_the_layer(tiny, scope):
         layer.weight[3, 5] = float("nan")
     with pytest.raises(NonFiniteScoreError, match=r"model\.layers\.1\.mlp\.up_proj"):
         prune(model, PruneConfig(method="magnitude", scope=scope, sparsity=0.5), show_progress=False)
+
+
+def test_output_dir_inside_the_input_model(tiny, tmp_path):
+    src = tmp_path / "dense"
+    load(tiny().model).model.save_pretrained(src)
+    before = digest(src)
+    cfg = tiny()
+    cfg.model.random, cfg.model.path = None, str(src)
+    cfg.output_dir = str(src / "pruned")
+    with pytest.raises(ConfigError, match="lies inside the input model's directory"):
+        run(cfg)
+    assert digest(src) == before
+
+
+def cut(src: Path, dst: Path, size: int) -> None:
+    with open(src, "rb") as a, open(dst, "wb") as b:
+        b.write(a.read(size))
+
+
+@pytest.mark.parametrize("keep", [4, 100, "half"])
+def test_truncated_safetensors_is_named(tiny, tmp_path, keep):
+    src = tmp_path / "dense"
+    load(tiny().model).model.save_pretrained(src)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2 if keep == "half" else keep])
+    p = cli("model=hf", f"model.path={src}", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].endswith(
+        {4: "shorter than a safetensors header", 100: "the file has 100",
+         "half": f"the file has {len(data) // 2}"}[keep])
+    assert f"model file '{weights}' is corrupt or incomplete" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cut_gguf_is_named(tmp_path):
+    import importlib.util
+
+    from distprune.models import BUILTIN
+
+    spec = BUILTIN["smollm2-135m"]
+    gguf = Path(importlib.util.find_spec(spec["package"]).submodule_search_locations[0]) / spec["file"]
+    for size in (1 << 20, 50 << 20):
+        cut(gguf, tmp_path / "cut.gguf", size)
+        p = cli("model=hf", f"model.path={tmp_path / 'cut.gguf'}", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+        assert p.returncode == 2
+        assert f"model file '{tmp_path / 'cut.gguf'}' is corrupt or incomplete" in p.stderr
+        assert "Traceback" not in p.stderr and not (tmp_path / "out").exists()
+
+
+def test_nan_weight_before_calibration_is_named_and_never_cached(tiny, tmp_path, monkeypatch):
+    """A NaN in q_proj makes every later statistic NaN: the error names q_proj (not the
+    first layer whose statistics show it) and no statistics are cached."""
+    monkeypatch.setenv("DISTPRUNE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "dense"
+    model = load(tiny().model).model
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[2, 3] = float("nan")
+    model.save_pretrained(src)
+    for mode in ("oneshot", "sequential"):
+        cfg = tiny(method="wanda", mode=mode)
+        cfg.model.random, cfg.model.path = None, str(src)
+        with pytest.raises(ConfigError, match=r"model tensor model\.layers\.0\.self_attn\.q_proj\.weight holds 1 "
+                                              r"non-finite value \(NaN or Inf\)"):
+            run(cfg)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_non_finite_statistics_are_named_and_never_cached(tiny, tmp_path):
+    """Activations that overflow (finite weights) stop calibration at the first layer
+    whose inputs are non-finite, and nothing reaches the cache."""
+    from distprune import stats
+    from distprune.api import calibrate_and_prune
+    from distprune.models import prunable_layers
+
+    model = load(tiny().model).model
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.fill_(3e38)  # norm output overflows float32
+    cache = tmp_path / "stats.safetensors"
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NonFiniteScoreError, match=r"calibration statistics at the input of layer "
+                                                  r"model\.layers\.1\.mlp\.gate_proj"):
+        calibrate_and_prune(model, PruneConfig(method="wanda", scope="row", mode="oneshot"), lambda: windows, "cpu",
+                            prunable_layers(model), cache_file=cache, cache_fields={}, show_progress=False)
+    assert not cache.exists()
+    assert stats.load(cache, ["x"]) is None
+
+
+@pytest.mark.parametrize("key", ["eval.seqlen", "calib.seqlen"])
+def test_windows_longer_than_the_context(tiny_checkpoint, tmp_path, key):
+    ckpt = tiny_checkpoint("gpt2")  # n_positions 256
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat . " * 400)
+    p = cli("model=hf", f"model.path={ckpt}", f"calib.source={text}", f"eval.source={text}", f"{key}=512",
+            f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1].endswith(
+        f"{key}=512 is longer than the model's context of 256 tokens (n_positions); use {key}<=256")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_names_the_tool(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "distprune", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0
+    assert p.stdout.startswith("distprune: prune a causal language model")
+    assert "powered by Hydra" not in p.stdout and "prune: magnitude, wanda, wanda-2of4, wanda-global" in p.stdout

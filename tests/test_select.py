@@ -112,8 +112,19 @@ def test_search_is_close_and_converges(kind):
     pruned = sum(int((s <= sel.threshold).sum()) for s in layers)
     assert abs(pruned - k) <= 1e-3 * n
     assert not sel.exact
-    # one pass for the moments, then at most max_iter counting passes
-    assert 2 <= sel.passes <= 61
+    # one pass for the moments, then counting passes until within tol: well before the cap
+    assert 2 <= sel.passes < 61
+
+
+def test_search_stops_at_max_iter():
+    """tol 0 is never met on continuous scores: exactly one moments pass plus max_iter
+    counting passes, and the threshold it stops at is still close."""
+    layers = make_scores("normal", [(200, 300)] * 4, torch.float32, 1)
+    n = sum(s.numel() for s in layers)
+    k = target_count(0.5, n)
+    for max_iter in (0, 3, 7):
+        sel = select_search(ScoreStream.of(layers), k, n, tol=0.0, max_iter=max_iter)
+        assert sel.passes == 1 + max_iter
 
 
 @pytest.mark.parametrize("selector", ["radix", "sort", "search"])

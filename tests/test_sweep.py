@@ -8,23 +8,23 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY, WIKI_TEST, WIKI_VALID, needs_wikitext, word_tokenizer
+from conftest import TINY, word_tokenizer
 
 from distprune.config import ModelConfig
 from distprune.models import load
 
-pytestmark = needs_wikitext
 JOBS = {f"prune.method={m},prune.sparsity={s}" for m in ("magnitude", "wanda") for s in (0.3, 0.6)}
 
 
 @pytest.fixture(scope="module")
-def sweeps(tmp_path_factory):
+def sweeps(tmp_path_factory, corpus):
     """The same 2 x 2 sweep (global scope: the 2-rank run selects with collectives), once
     per world size, each with its own statistics cache."""
+    valid, test = corpus / "wikitext-2" / "valid.txt", corpus / "wikitext-2" / "test.txt"
     root = tmp_path_factory.mktemp("sweep")
     ckpt = root / "tiny-ckpt"
     load(ModelConfig(random=dict(TINY["llama"]))).model.save_pretrained(ckpt)
-    word_tokenizer(WIKI_VALID.read_text()[:100000]).save_pretrained(ckpt)
+    word_tokenizer(valid.read_text()).save_pretrained(ckpt)
     done = {}
     for ranks in (1, 2):
         cwd = root / f"ws{ranks}"
@@ -33,8 +33,8 @@ def sweeps(tmp_path_factory):
                     [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)])
         p = subprocess.run([*launcher, "-m", "distprune", "-m", "model=hf", f"model.path={ckpt}",
                             "prune.method=magnitude,wanda", "prune.sparsity=0.3,0.6", "prune.scope=global",
-                            "prune.mode=oneshot", f"calib.source={WIKI_VALID}", "calib.nsamples=4", "calib.seqlen=32",
-                            f"eval.source={WIKI_TEST}", "eval.seqlen=32", "eval.max_windows=4", "save=false"],
+                            "prune.mode=oneshot", f"calib.source={valid}", "calib.nsamples=4", "calib.seqlen=32",
+                            f"eval.source={test}", "eval.seqlen=32", "eval.max_windows=4", "save=false"],
                            cwd=cwd, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "DISTPRUNE_CACHE": str(root / f"cache{ranks}")})
         assert p.returncode == 0, p.stderr[-3000:]
