@@ -26,10 +26,12 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
+fail=0  # a step that fails makes the script exit 1, after the other steps have run
+
 if [ "${SMOKE:-0}" != 1 ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
   echo "== tests (device auto: cuda where the code picks it) =="
-  timeout 180 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -5 | tee "$OUT/tests.txt" || fail=1
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/test_scripts.py 2>&1 | tail -5 | tee "$OUT/tests.txt" || fail=1
 fi
 
 echo "== radix vs sort on $DEVICE scores: identical masks =="

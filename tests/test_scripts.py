@@ -1,0 +1,82 @@
+"""Every script under scripts/ runs, on tiny shapes, so that none can rot unseen (one
+once called a function with an argument it no longer took, and its table hid the error)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY, word_tokenizer
+
+from distprune.config import ModelConfig
+from distprune.models import load
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKED = {"bench_select.py", "bench_load.py", "results.py", "gpu_check.sh"}
+
+
+def script(tmp_path, *args, env=None, timeout=600):
+    cmd = ["bash"] if args[0].endswith(".sh") else [sys.executable]
+    p = subprocess.run([*cmd, str(ROOT / "scripts" / args[0]), *args[1:]], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "| error:" not in p.stdout
+    return p
+
+
+def test_every_script_has_a_smoke_test():
+    assert {p.name for p in (ROOT / "scripts").iterdir() if p.suffix in (".py", ".sh")} == SMOKED
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, corpus):
+    d = tmp_path_factory.mktemp("scripts") / "tiny"
+    load(ModelConfig(random=dict(TINY["llama"]))).model.save_pretrained(d)
+    word_tokenizer((corpus / "wikitext-2" / "valid.txt").read_text()).save_pretrained(d)
+    return d
+
+
+def test_bench_select_every_axis(tmp_path):
+    out = tmp_path / "B.md"
+    small = ["--shapes", "smollm2-135m", "--blocks", "1", "--repeat", "1", "--write", str(out)]
+    script(tmp_path, "bench_select.py", *small)
+    script(tmp_path, "bench_select.py", *small, "--scores", "magnitude", "--methods", "radix,search",
+           "--world-sizes", "1,2")
+    script(tmp_path, "bench_select.py", *small, "--scores", "wanda", "--methods", "radix", "--workers-axis", "1,2")
+    text = out.read_text()
+    assert text.count("<!-- end bench_select") == 3
+    for method in ("sort", "global_unstructured", "search", "radix"):
+        assert f"| magnitude | {method} | " in text
+    assert "| magnitude | radix | 2 | " in text and "524,288 |" in text  # one bf16 histogram per pass
+
+
+def test_bench_select_fails_on_a_broken_measurement(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_select.py"), "--shapes", "smollm2-135m",
+                        "--blocks", "1", "--repeat", "1", "--scores", "magnitude", "--methods", "nosuch"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "1 measurement(s) failed" in p.stderr
+
+
+def test_bench_load(tmp_path, checkpoint):
+    out = tmp_path / "B.md"
+    script(tmp_path, "bench_load.py", "--path", str(checkpoint), "--world-sizes", "2", "--repeat", "1",
+           "--write", str(out))
+    text = out.read_text()
+    assert "| every rank, full | any |" in text and "| 2 ranks, shard | 1 |" in text
+
+
+def test_results(tmp_path, checkpoint, corpus):
+    out = tmp_path / "R.md"
+    script(tmp_path, "results.py", "--model-path", str(checkpoint), "--data", str(corpus), "--nsamples", "4",
+           "--seqlen", "32", "--eval-seqlen", "32", "--max-windows", "4", "--write", str(out))
+    text = out.read_text()
+    assert "| dense | - |" in text and "| wanda, row, sequential, calib=self | 0.5000 |" in text
+
+
+def test_gpu_check_smoke(tmp_path):
+    """SMOKE=1: the GPU check's steps on the CPU at tiny shapes (no test suite inside)."""
+    p = script(tmp_path, "gpu_check.sh", env={"SMOKE": "1", "OUT": str(tmp_path / "out")})
+    assert "identical: True" in p.stdout and "seconds {" in p.stdout
+    assert (tmp_path / "out" / "BENCHMARKS.md").is_file()
+    assert (tmp_path / "out" / "e2e" / "distprune_report.json").is_file()
