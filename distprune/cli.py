@@ -88,19 +88,25 @@ def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[mod
     return models.load(cfg.model, "cpu"), {"mode": "full"}
 
 
-def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: str, comm: Comm) -> PruneResult:
+def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: str, comm: Comm,
+                seconds: dict) -> PruneResult:
     """Prune in place: magnitude directly, wanda after block-wise calibration. This rank
-    prunes ``own``, its shard of ``layers``."""
+    prunes ``own``, its shard of ``layers``. Records in ``seconds`` how long the
+    calibration windows took to make (sampling them, for calib=self), a part of the
+    statistics phase."""
     if not SCORERS[cfg.prune.method].needs_stats:
         models.weights_to(own, device)
         return prune(loaded.model, cfg.prune, layers=own, comm=comm)
 
     def windows():
-        if cfg.calib.source == "self":
-            loaded.model.to(device)
-        w = data.calibration_windows(cfg.calib.source, loaded.model, loaded.tokenizer, cfg.calib.nsamples,
-                                     cfg.calib.seqlen, cfg.calib.seed)
-        loaded.model.to("cpu")  # block-wise onloading: only the current block goes to the device
+        with phase(seconds, "calib_windows"):
+            if cfg.calib.source == "self":
+                loaded.model.to(device)
+            w = data.calibration_windows(cfg.calib.source, loaded.model, loaded.tokenizer, cfg.calib.nsamples,
+                                         cfg.calib.seqlen, cfg.calib.seed)
+            loaded.model.to("cpu")  # block-wise onloading: only the current block goes to the device
+        log.info("calib: %d x %d tokens from %s in %.1fs", w.shape[0], w.shape[1], cfg.calib.source,
+                 seconds["calib_windows"])
         return w
 
     cache_file, fields = None, None
@@ -180,7 +186,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
                      seconds["eval_dense"])
 
     sent = comm.bytes_communicated  # count statistics and selection only: loading and evaluation gather too
-    result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm)
+    result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm, seconds)
     sent = comm.bytes_communicated - sent
     gather_layers(result, comm)
     if result.mode:

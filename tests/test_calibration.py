@@ -201,6 +201,31 @@ def test_self_source_is_reproducible():
     assert not torch.equal(a, self_windows(model, nsamples=3, seqlen=12, seed=8))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "opt"])
+def test_sampler_follows_the_model_like_generate(arch):
+    """The KV-cached sampling loop sees the logits a full forward sees: with argmax as the
+    pick it reproduces Hugging Face's greedy generate token for token."""
+    from distprune.data import sample
+
+    model = tiny_model(arch)
+    prompt = torch.tensor([[0], [5], [17]])
+    ours = sample(model, prompt, 12, pick=lambda p: p.argmax(-1, keepdim=True), show=False)
+    theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12,
+                            min_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_inverse_cdf_draws_from_the_distribution():
+    from distprune.data import inverse_cdf
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([inverse_cdf(probs, g) for _ in range(20000)], dim=1)  # (2, 20000)
+    freq = torch.stack([torch.bincount(row, minlength=5) for row in draws]).double() / draws.shape[1]
+    assert (freq[probs == 0] == 0).all()  # never a token of probability 0
+    assert torch.allclose(freq, probs.double(), atol=0.015)
+
+
 def test_preset_goes_through_datasets(monkeypatch):
     calls = {}
 

@@ -1,0 +1,59 @@
+"""Every distprune command in the README composes into settings that pass their checks
+(a renamed key, a preset that is gone or a setting that is now refused fails here)."""
+
+import itertools
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from distprune.cli import CONF_DIR
+from distprune.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[list[str]]:
+    """The arguments after `-m distprune` (or `-m distprune.eval`) of every command in the
+    README's code blocks and inline code, continuation lines joined."""
+    text = ROOT.joinpath("README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]*-m distprune[^`\n]*)`", text)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0]
+            for part in line.split("&&"):
+                words = shlex.split(part)
+                for i in range(len(words) - 1):
+                    if words[i] == "-m" and words[i + 1] in ("distprune", "distprune.eval"):
+                        commands.append(words[i + 2:])
+    return commands
+
+
+def combinations(args: list[str]) -> list[list[str]]:
+    """One override list per job: a sweep (-m) expands its comma-separated values."""
+    if "-m" not in args:
+        return [[a for a in args if a != "..."]]
+    overrides = [a for a in args if a not in ("-m", "...")]
+    choices = [[f"{a.split('=', 1)[0]}={v}" for v in a.split("=", 1)[1].split(",")] if "," in a else [a]
+               for a in overrides]
+    return [list(c) for c in itertools.product(*choices)]
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_has_commands():
+    assert len(COMMANDS) >= 10
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
+def test_readme_command_composes_and_passes_its_checks(args):
+    for overrides in combinations(args):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+        assert isinstance(cfg, Config)
+        cfg.check()
