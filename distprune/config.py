@@ -87,8 +87,8 @@ class PruneConfig:
         other than its default that nothing reads)."""
         defaults = PruneConfig.__dataclass_fields__
         if self.scope in ("row", "nm") and self.selector != defaults["selector"].default:
-            raise ConfigError(f"prune.selector={self.selector} has no effect with prune.scope={self.scope}: "
-                              f"row and N:M groups are always selected exactly per group (selector {self.scope}-kthvalue); "
+            raise ConfigError(f"prune.selector={self.selector} has no effect with prune.scope={self.scope}: row and "
+                              f"N:M groups are always selected exactly per group (selector {self.scope}-kthvalue); "
                               "selectors apply to the global and layer scopes")
         if self.scope != "nm" and self.m != defaults["m"].default:
             raise ConfigError(f"prune.m={self.m} has no effect with prune.scope={self.scope}: it is N:M's group size "

@@ -25,13 +25,13 @@ WAITS = ("spin", "passive")
 
 
 def child(args) -> None:
-    if args.wait == "spin":
-        import torch  # noqa: F401  (loaded before distprune can set OMP_WAIT_POLICY: torch's default)
+    # torch first: distprune would otherwise set OMP_WAIT_POLICY=PASSIVE for the spin rows;
+    # the parent sets the policy of each row in the environment
+    import torch
+
     from distprune.config import ModelConfig
     from distprune.data import self_windows
     from distprune.models import load
-
-    import torch
 
     model = load(ModelConfig(name=args.model, path=args.path)).model
     bos = model.config.bos_token_id if isinstance(model.config.bos_token_id, int) else 0

@@ -24,8 +24,7 @@ def readme_commands() -> list[list[str]]:
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0]
-            for part in line.split("&&"):
+            for part in line.split("  #")[0].split("&&"):
                 words = shlex.split(part)
                 for i in range(len(words) - 1):
                     if words[i] == "-m" and words[i + 1] in ("distprune", "distprune.eval"):

@@ -13,7 +13,7 @@ from distprune.config import ModelConfig
 from distprune.models import load
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKED = {"bench_select.py", "bench_load.py", "results.py", "gpu_check.sh"}
+SMOKED = {"bench_select.py", "bench_load.py", "bench_sample.py", "results.py", "gpu_check.sh"}
 
 
 def script(tmp_path, *args, env=None, timeout=600):
@@ -66,12 +66,26 @@ def test_bench_load(tmp_path, checkpoint):
     assert "| every rank, full | any |" in text and "| 2 ranks, shard | 1 |" in text
 
 
+def test_bench_sample(tmp_path, checkpoint):
+    out = tmp_path / "B.md"
+    script(tmp_path, "bench_sample.py", "--path", str(checkpoint), "--tokens", "2", "--nsamples", "2", "--busy", "1",
+           "--write", str(out))
+    text = out.read_text()
+    for machine in ("quiet", "1 busy processes"):
+        for sampler in ("generate", "distprune"):
+            for wait in ("spin", "passive"):
+                assert f"| {machine} | {sampler} | {wait} | " in text
+    assert "| quiet | distprune | passive | " in text and " | 1.00 |" in text
+
+
 def test_results(tmp_path, checkpoint, corpus):
     out = tmp_path / "R.md"
+    out.write_text("# Results\n\n## Another section\n\nkept\n")
     script(tmp_path, "results.py", "--model-path", str(checkpoint), "--data", str(corpus), "--nsamples", "4",
            "--seqlen", "32", "--eval-seqlen", "32", "--max-windows", "4", "--write", str(out))
     text = out.read_text()
     assert "| dense | - |" in text and "| wanda, row, sequential, calib=self | 0.5000 |" in text
+    assert text.startswith("# Results\n\n## Another section\n\nkept\n")  # other sections stay
 
 
 def test_gpu_check_smoke(tmp_path):
