@@ -240,10 +240,10 @@ register_configs()
 
 
 def conf_dir() -> str:
-    """The Hydra configs: conf/ of a checkout (an editable install), or distprune/conf,
-    where an installed wheel carries a copy of it (pyproject.toml)."""
+    """The Hydra configs: distprune/conf, where an installed wheel carries a copy of conf/
+    (pyproject.toml), or else conf/ of the checkout (an editable install, the tests)."""
     here = Path(__file__).resolve().parent
-    return str(next((d for d in (here.parent / "conf", here / "conf") if (d / "config.yaml").is_file()),
+    return str(next((d for d in (here / "conf", here.parent / "conf") if (d / "config.yaml").is_file()),
                     here / "conf"))
 
 
