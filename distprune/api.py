@@ -45,7 +45,7 @@ class PruneResult:
             "method": self.config.method,
             "scope": self.config.scope,
             **({"m": self.config.m} if self.config.scope == "nm" else {}),  # N:M's group size
-            "selector": {"row": "row-kthvalue", "nm": "nm-kthvalue"}.get(self.config.scope, self.config.selector),
+            "selector": self.config.selector_name,
             "target_sparsity": self.config.sparsity,
             "achieved_sparsity": self.zeros / self.numel,
             "pruned_fraction": self.pruned / self.numel,

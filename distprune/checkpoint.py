@@ -65,11 +65,11 @@ def _owner_alive(token: str) -> bool:
     if host != socket.gethostname() or not pid.isdigit():
         return True  # another machine's (a shared file system): not ours to judge
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(pid), 0)  # PermissionError: it exists, another user's
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, another user's
-        return True
+    except PermissionError:
+        pass
     return True
 
 
@@ -121,9 +121,6 @@ def atomic_dir(out: Path, comm: Comm = SINGLE, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # every rank: rank 0 may be the one that died
         raise
-    finally:
-        if comm.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool, token: str) -> bool:

@@ -59,6 +59,12 @@ class PruneConfig:
     search_max_iter: int = 20  # search: counting passes at most (the seed report's 20)
 
     @property
+    def selector_name(self) -> str:
+        """The selector this scope uses, as reports name it: row and N:M groups are always
+        selected with an exact per-group kthvalue."""
+        return f"{self.scope}-kthvalue" if self.scope in ("row", "nm") else self.selector
+
+    @property
     def resolved_mode(self) -> str:
         if self.mode != "auto":
             return self.mode
@@ -88,7 +94,7 @@ class PruneConfig:
         defaults = PruneConfig.__dataclass_fields__
         if self.scope in ("row", "nm") and self.selector != defaults["selector"].default:
             raise ConfigError(f"prune.selector={self.selector} has no effect with prune.scope={self.scope}: row and "
-                              f"N:M groups are always selected exactly per group (selector {self.scope}-kthvalue); "
+                              f"N:M groups are always selected exactly per group (selector {self.selector_name}); "
                               "selectors apply to the global and layer scopes")
         if self.scope != "nm" and self.m != defaults["m"].default:
             raise ConfigError(f"prune.m={self.m} has no effect with prune.scope={self.scope}: it is N:M's group size "

@@ -119,13 +119,11 @@ def sample(model: nn.Module, prompt: torch.Tensor, steps: int, pick=inverse_cdf,
 
     # transformers 5.2x names the argument cache; earlier versions past_key_values
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    ids, cache = prompt, DynamicCache()
-    step_input = prompt
+    cache, tokens = DynamicCache(), [prompt]
     for _ in progress(range(steps), "sample", "token", show):
-        logits = model(input_ids=step_input, use_cache=True, **{key: cache}).logits[:, -1]
-        step_input = pick(torch.softmax(logits.float(), dim=-1))
-        ids = torch.cat([ids, step_input], dim=1)
-    return ids
+        logits = model(input_ids=tokens[-1], use_cache=True, **{key: cache}).logits[:, -1]
+        tokens.append(pick(torch.softmax(logits.float(), dim=-1)))
+    return torch.cat(tokens, dim=1)
 
 
 @torch.no_grad()

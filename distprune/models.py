@@ -139,7 +139,8 @@ def _gguf_problem(f: Path) -> str | None:
             if t.data_offset + t.n_bytes > size:
                 return f"tensor {t.name} needs {t.data_offset + t.n_bytes} bytes, the file has {size}"
     except Exception as e:  # the reader fails in many ways on a cut file: struct, numpy, value errors
-        return f"unreadable GGUF ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})".replace(": )", ")")
+        detail = str(e).splitlines()[0] if str(e) else ""
+        return f"unreadable GGUF ({type(e).__name__}{': ' + detail if detail else ''})"
     return None
 
 

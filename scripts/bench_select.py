@@ -342,9 +342,15 @@ def replace_section(path: Path, key: str, title: str, where: str, repeat: int, t
     """Replace (or append) the section marked ``key`` of a markdown file: title, date,
     machine, the command that was run and its table."""
     command = "python " + " ".join(sys.argv)
-    section = (f"<!-- {key} -->\n### {title}\n\n{date.today().isoformat()}, {where}, median of {repeat}.\n\n"
-               f"`{command}`\n\n{table}\n<!-- end {key} -->\n")
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    replace_marked(path, key, f"### {title}\n\n{date.today().isoformat()}, {where}, median of {repeat}.\n\n"
+                   f"`{command}`\n\n{table}\n")
+
+
+def replace_marked(path: Path, key: str, body: str, new_file: str = "# Benchmarks\n") -> None:
+    """Put body between the markers ``<!-- key -->`` and ``<!-- end key -->`` of a markdown
+    file, replacing what was there, or append it with its markers; other sections stay."""
+    section = f"<!-- {key} -->\n{body}<!-- end {key} -->\n"
+    text = path.read_text() if path.exists() else new_file
     pattern = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- end {re.escape(key)} -->\n", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     path.write_text(text)

