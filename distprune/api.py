@@ -14,8 +14,8 @@ from distprune import stats
 from distprune.config import ConfigError, PruneConfig
 from distprune.dist import SINGLE, Comm, batch_share
 from distprune.masks import GroupsResult, prune_groups
+from distprune.methods import METHODS
 from distprune.models import PrunableLayer, prunable_layers, weights_to
-from distprune.scores import SCORERS
 
 
 @dataclass
@@ -70,27 +70,28 @@ def check_groups(layers: list[PrunableLayer], cfg: PruneConfig) -> None:
 
 
 @torch.no_grad()
-def prune(model: nn.Module, config: PruneConfig | dict | None = None,
-          norms: dict[str, torch.Tensor] | None = None, comm: Comm = SINGLE,
-          layers: list[PrunableLayer] | None = None, show_progress: bool = True) -> PruneResult:
+def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics: dict | None = None,
+          comm: Comm = SINGLE, layers: list[PrunableLayer] | None = None, show_progress: bool = True) -> PruneResult:
     """Prune the decoder-block linear weights of ``model`` in place.
 
-    ``norms`` maps layer names to per-input-channel activation L2 norms (wanda).
-    ``layers`` restricts pruning to a subset (default: every prunable layer that the
-    config's include/exclude patterns admit).
+    ``statistics`` maps layer names to what the method accumulates over calibration data
+    (wanda: ``stats.LayerStats``; see ``calibrate_and_prune``). ``layers`` restricts
+    pruning to a subset (default: every prunable layer that the config's include/exclude
+    patterns admit).
     """
     cfg = config if isinstance(config, PruneConfig) else PruneConfig(**(config or {}))
     cfg.check()
-    scorer = SCORERS[cfg.method]
+    method = METHODS[cfg.method]
     layers = layers if layers is not None else prunable_layers(model, cfg.include, cfg.exclude)
-    if scorer.needs_stats:
-        missing = [layer.name for layer in layers if norms is None or layer.name not in norms]
+    if method.calibrated:
+        missing = [layer.name for layer in layers if statistics is None or layer.name not in statistics]
         if missing:
-            raise ConfigError(f"prune.method={cfg.method} needs activation norms; none for {missing[0]}")
+            raise ConfigError(f"prune.method={cfg.method} needs calibration statistics; none for {missing[0]}")
 
     def score(layer: PrunableLayer) -> torch.Tensor:
         # contiguous: stream order (ties) is the flat index of the (out, in) scores
-        return scorer.fn(layer.weight, norms[layer.name] if norms else None).contiguous()
+        st = statistics[layer.name] if method.calibrated else None
+        return method.score(layer.weight, st, cfg).contiguous()
 
     check_groups(layers, cfg)
     groups = prune_groups(layers, score, cfg.scope, cfg.sparsity, cfg.selector, comm, show_progress, m=cfg.m,
@@ -103,13 +104,14 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
                         cache_file: Path | None = None, cache_fields: dict | None = None,
                         comm: Comm = SINGLE, show_progress: bool = True,
                         own: list[PrunableLayer] | None = None) -> PruneResult:
-    """Collect activation statistics over the calibration windows (``windows()`` returns
+    """Collect the method's statistics over the calibration windows (``windows()`` returns
     them, (samples, seqlen); not called on a cache hit) block by block on ``device``, and
     prune ``model`` in place with them.
 
     oneshot: statistics of the dense model (read from / written to ``cache_file`` when
-    given), then one pruning pass. sequential: block i is pruned as soon as its
-    statistics are complete, before its outputs feed block i+1.
+    given and the method's statistics are cacheable), then one pruning pass. sequential:
+    block i is pruned as soon as its statistics are complete, before its outputs feed
+    block i+1.
 
     With several ranks, each calibrates on its share of the windows, in whole batches
     (statistics are gathered per batch and added in batch order), and prunes ``own`` (its
@@ -121,6 +123,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     was (block-wise onloading never moves the whole model): move it before running it.
     """
     config.check()
+    method = METHODS[config.method]
     layers = layers if layers is not None else prunable_layers(model, config.include, config.exclude)
     check_groups(layers, config)
     own = own if own is not None else layers
@@ -135,27 +138,29 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
         groups = GroupsResult([])
 
         def prune_block(_i: int, block_layers: list[PrunableLayer], st: dict) -> None:
-            part = prune(model, config, norms=stats.norms({lay.name: st[lay.name] for lay in block_layers}),
-                         layers=block_layers, show_progress=False)
+            part = prune(model, config, st, layers=block_layers, show_progress=False)
             groups.extend(part.groups)
 
-        stats.collect(model, layers, mine(), device, "sequential", prune_block, batch_size, show_progress, comm)
+        stats.collect(model, layers, mine(), device, method.statistic(layers, comm), "sequential", prune_block,
+                      batch_size, show_progress)
         elapsed = time.perf_counter() - t0 - sum(groups.seconds.values())
         names = {layer.name for layer in own}
         groups.layers = [r for r in groups.layers if r.name in names]
         return PruneResult(config, groups, mode, "off", elapsed)
 
+    cacheable = cache_file is not None and method.statistic.cacheable
     names = [layer.name for layer in layers]
-    cached = stats.load(cache_file, names) if cache_file is not None else None
+    cached = stats.load(cache_file, names) if cacheable else None
     everywhere = comm.all_reduce_min(torch.tensor([int(cached is not None)]))  # every rank must hit
     found = cached if int(everywhere) else None
     if found is None:
-        found = stats.collect(model, layers, mine(), device, "oneshot", batch_size=batch_size, show=show_progress,
-                              comm=comm)
-        if cache_file is not None and comm.is_main:
+        acc = method.statistic(layers, comm)
+        stats.collect(model, layers, mine(), device, acc, batch_size=batch_size, show=show_progress)
+        found = acc.stats
+        if cacheable and comm.is_main:
             stats.save(cache_file, found, cache_fields or {})
-    hit = "off" if cache_file is None else ("hit" if found is cached else "miss")
+    hit = "off" if not cacheable else ("hit" if found is cached else "miss")
     elapsed = time.perf_counter() - t0
     weights_to(own, device)
-    result = prune(model, config, norms=stats.norms(found), comm=comm, layers=own, show_progress=show_progress)
+    result = prune(model, config, found, comm=comm, layers=own, show_progress=show_progress)
     return PruneResult(config, result.groups, mode, hit, elapsed)

@@ -13,19 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from torch import nn
-
-from distprune.config import ConfigError
 from distprune.dist import SINGLE, Comm
-from distprune.models import tie_groups
+from distprune.errors import ConfigError
 
 log = logging.getLogger("distprune")
 
 REPORT = "distprune_report.json"
-UMASK = os.umask(0o022)  # read it (umask can only be read by setting it)...
-os.umask(UMASK)  # ...and put it back
 
 
 def check_output(output_dir: str, overwrite: bool, input_dir: Path | None) -> Path:
@@ -138,76 +131,6 @@ def _publish(tmp: Path, out: Path, overwrite: bool, token: str) -> bool:
             return False
         raise
     return True
-
-
-def _size_bytes(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = text.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * units[unit])
-    return int(t)
-
-
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without tied duplicates (lm_head tied to the embeddings): the first
-    name of each tensor stays, as Hugging Face does; loading re-ties the rest. Tensors
-    this rank did not load stay on the meta device: only their size is used."""
-    first = {group[0] for group in tie_groups(model)}
-    return {k: t for k, t in model.state_dict().items() if k in first}
-
-
-def shard_plan(state: dict[str, torch.Tensor], parts: list[list[str]], max_shard_size: str
-               ) -> list[tuple[int, list[str]]]:
-    """[(rank, tensor names)] per output file, the same on every rank: rank r writes the
-    prunable weights it owns (parts[r], module names); rank 0 also writes every other
-    tensor. Files never exceed max_shard_size unless one tensor does."""
-    limit = _size_bytes(max_shard_size)
-    owned = {f"{name}.weight" for part in parts for name in part}
-    plan = []
-    for rank, part in enumerate(parts):
-        keys = [f"{name}.weight" for name in part]
-        if rank == 0:
-            keys = [k for k in state if k not in owned] + keys
-        chunk, size = [], 0
-        for k in keys:
-            nbytes = state[k].numel() * state[k].element_size()
-            if chunk and size + nbytes > limit:
-                plan.append((rank, chunk))
-                chunk, size = [], 0
-            chunk.append(k)
-            size += nbytes
-        if chunk:
-            plan.append((rank, chunk))
-    return plan
-
-
-def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_size: str,
-                     parts: list[list[str]] | None = None, comm: Comm = SINGLE) -> None:
-    """A Hugging Face checkpoint written by all ranks at once: each rank writes the
-    safetensors files of its own layers; rank 0 writes the other tensors, the index,
-    config, generation config and tokenizer."""
-    parts = parts if parts is not None else [[]]
-    state = _unique_state_dict(model)
-    plan = shard_plan(state, parts, max_shard_size)
-    names = (["model.safetensors"] if len(plan) == 1 else
-             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
-    for (rank, keys), name in zip(plan, names, strict=True):
-        if rank == comm.rank:
-            save_file({k: state[k].detach().contiguous().cpu() for k in keys}, directory / name,
-                      metadata={"format": "pt"})
-            os.chmod(directory / name, 0o666 & ~UMASK)  # safetensors creates 0600; the JSON files get the umask
-    if not comm.is_main:
-        return
-    if len(plan) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {k: name for (_, keys), name in zip(plan, names, strict=True) for k in keys}}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    model.config.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
 
 
 def write_report(directory: Path, report: dict) -> None:

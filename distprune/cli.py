@@ -19,12 +19,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distprune import checkpoint, data, dist, models, stats, sweep
+from distprune import checkpoint, data, dist, models, stats, sweep, writer
 from distprune.api import PruneResult, calibrate_and_prune, prune
 from distprune.config import Config, ConfigError, register_configs
 from distprune.dist import SINGLE, Comm
-from distprune.evaluate import perplexity
-from distprune.scores import SCORERS
+from distprune.methods import METHODS
+from distprune.perplexity import perplexity
 from distprune.select import NonFiniteScoreError
 from distprune.sweep import SweepModels
 
@@ -71,15 +71,16 @@ def evaluate_ppl(cfg: Config, model, windows: torch.Tensor, device: str, comm: C
 
 
 def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[models.LoadedModel, dict]:
-    """The model, and how it was loaded. With several ranks, a magnitude job that evaluates
-    nothing reads only this rank's layers from a safetensors checkpoint (rank 0 also the
-    tensors that are never pruned, to save them); wanda calibrates data-parallel and
-    evaluation runs the whole model, so every rank loads it in full. A sweep reuses the
+    """The model, and how it was loaded. With several ranks, a job of a method without
+    calibration that evaluates nothing reads only this rank's layers from a safetensors
+    checkpoint (rank 0 also the tensors that are never pruned, to save them); calibration
+    runs data-parallel and evaluation runs the whole model, so then every rank loads it
+    in full. A sweep reuses the
     model of its previous job with the dense weights restored."""
     if shared is not None:
         loaded, reused = shared.get(cfg.model)
         return loaded, {"mode": "reused" if reused else "full"}
-    if comm.world_size > 1 and not SCORERS[cfg.prune.method].needs_stats and not cfg.eval.source:
+    if comm.world_size > 1 and not METHODS[cfg.prune.method].calibrated and not cfg.eval.source:
         shard = models.load_shard(cfg.model, lambda model: models.shard_keys(
             model, cfg.prune.include, cfg.prune.exclude, comm.rank, comm.world_size, comm.is_main and cfg.save))
         if shard is not None:
@@ -90,11 +91,11 @@ def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[mod
 
 def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: str, comm: Comm,
                 seconds: dict) -> PruneResult:
-    """Prune in place: magnitude directly, wanda after block-wise calibration. This rank
-    prunes ``own``, its shard of ``layers``. Records in ``seconds`` how long the
-    calibration windows took to make (sampling them, for calib=self), a part of the
-    statistics phase."""
-    if not SCORERS[cfg.prune.method].needs_stats:
+    """Prune in place: directly, or after block-wise calibration when the method needs
+    statistics. This rank prunes ``own``, its shard of ``layers``. Records in ``seconds``
+    how long the calibration windows took to make (sampling them, for calib=self), a part
+    of the statistics phase."""
+    if not METHODS[cfg.prune.method].calibrated:
         models.weights_to(own, device)
         return prune(loaded.model, cfg.prune, layers=own, comm=comm)
 
@@ -138,7 +139,7 @@ def gather_layers(result: PruneResult, comm: Comm) -> None:
 
 def windows_used(cfg: Config) -> dict[str, int]:
     """The window lengths this job runs through the model."""
-    used = {"calib.seqlen": cfg.calib.seqlen} if SCORERS[cfg.prune.method].needs_stats else {}
+    used = {"calib.seqlen": cfg.calib.seqlen} if METHODS[cfg.prune.method].calibrated else {}
     return {**used, **({"eval.seqlen": cfg.eval.seqlen} if cfg.eval.source else {})}
 
 
@@ -147,12 +148,12 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     sweep pass one SweepModels so that the model is loaded once."""
     cfg.check()
     models.check_source(cfg.model)
-    if SCORERS[cfg.prune.method].needs_stats:
+    if METHODS[cfg.prune.method].calibrated:
         data.check_source(cfg.calib.source, "calib.source")
     if cfg.eval.source:
         data.check_source(cfg.eval.source, "eval.source")
     out = checkpoint.check_output(cfg.output_dir, cfg.overwrite, models.input_dir(cfg.model))
-    if not SCORERS[cfg.prune.method].needs_stats and cfg.prune.mode != "auto":
+    if not METHODS[cfg.prune.method].calibrated and cfg.prune.mode != "auto":
         log.warning("prune.mode=%s has no effect with prune.method=%s: it calibrates nothing", cfg.prune.mode,
                     cfg.prune.method)
     device = dist.device_of(comm, resolve_device(cfg.device))
@@ -228,7 +229,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     with checkpoint.atomic_dir(out, comm, cfg.overwrite) as tmp:
         with phase(seconds, "save"):
             if cfg.save:
-                checkpoint.write_checkpoint(tmp, loaded.model, loaded.tokenizer, cfg.max_shard_size,
+                writer.write_checkpoint(tmp, loaded.model, loaded.tokenizer, cfg.max_shard_size,
                                             [[layer.name for layer in part] for part in parts], comm)
         if comm.is_main:
             checkpoint.write_report(tmp, report)

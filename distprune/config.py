@@ -11,17 +11,14 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from distprune.scores import SCORERS
+from distprune.errors import ConfigError
+from distprune.masks import SCOPES
+from distprune.methods import METHODS
 from distprune.select import SELECTORS
 
-METHODS = tuple(SCORERS)  # the registries own the names; the schema checks against them
-SCOPES = ("global", "layer", "row", "nm")
+__all__ = ["CalibConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "PruneConfig", "register_configs"]
 MODES = ("auto", "oneshot", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A setting has a value distprune cannot use."""
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -71,7 +68,7 @@ class PruneConfig:
         return "oneshot" if self.scope == "global" else "sequential"
 
     def check(self) -> None:
-        _one_of("prune.method", self.method, METHODS)
+        _one_of("prune.method", self.method, tuple(METHODS))
         _one_of("prune.scope", self.scope, SCOPES)
         _one_of("prune.selector", self.selector, SELECTORS)
         _one_of("prune.mode", self.mode, MODES)

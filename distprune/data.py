@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distprune.config import ConfigError
+from distprune.errors import ConfigError
 from distprune.progress import progress
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,8 @@ from distprune.progress import progress
 from distprune.select import ScoreStream, Selection, TieBudget, check_finite, row_mask, select, target_count
 
 ScoreFn = Callable[[PrunableLayer], torch.Tensor]  # layer -> (out, in) scores
+# comparison groups: the whole model, a layer, an output row, m consecutive weights of a row
+SCOPES = ("global", "layer", "row", "nm")
 
 
 @dataclass
@@ -46,6 +48,14 @@ class GroupsResult:
 def _apply(layer: PrunableLayer, mask: torch.Tensor) -> LayerResult:
     w = layer.weight
     w.masked_fill_(mask, 0.0)  # +0.0, never -0.0
+    return LayerResult(layer.name, layer.numel, int(torch.count_nonzero(mask)), int(torch.count_nonzero(w == 0)))
+
+
+def write_solved(layer: PrunableLayer, weight: torch.Tensor, mask: torch.Tensor) -> LayerResult:
+    """Replace a layer's weight by a solve's (out, in) result, with the masked entries +0.0."""
+    w = layer.weight
+    w.copy_(weight.to(device=w.device, dtype=w.dtype))
+    w.masked_fill_(mask.to(w.device), 0.0)  # the dtype cast keeps them zero; +0.0 either way
     return LayerResult(layer.name, layer.numel, int(torch.count_nonzero(mask)), int(torch.count_nonzero(w == 0)))
 
 

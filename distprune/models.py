@@ -15,11 +15,16 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from distprune.config import ConfigError, ModelConfig
+from distprune.errors import ConfigError
+from distprune.writer import tie_groups, write_checkpoint
+
+if TYPE_CHECKING:
+    from distprune.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -228,16 +233,6 @@ def safetensors_dir(cfg: ModelConfig) -> Path | None:
     return d if found else None
 
 
-def tie_groups(model: nn.Module) -> list[list[str]]:
-    """State-dict names grouped by the tensor they name (tied weights share one group),
-    in module order."""
-    groups: dict[int, list[str]] = {}
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        groups.setdefault(id(t), []).append(name)
-    keys = set(model.state_dict())
-    return [[n for n in names if n in keys] for names in groups.values() if any(n in keys for n in names)]
-
-
 def load_shard(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> tuple[LoadedModel, int] | None:
     """The model of a local safetensors checkpoint with only the tensors that
     ``wanted(model)`` names read from disk; every other tensor stays on the meta device
@@ -346,8 +341,6 @@ def builtin_dir(name: str) -> Path:
         try:
             # not model.save_pretrained: under torchrun it writes on global rank 0 only, and the
             # rank that converts may be any
-            from distprune.checkpoint import write_checkpoint
-
             tmp.mkdir()
             write_checkpoint(tmp, loaded.model, loaded.tokenizer, "5GB")
             tmp.rename(target)

@@ -2,12 +2,15 @@
 
 The calibration batch runs through the decoder one block at a time: only the current
 block is on the compute device, with its inputs for all samples; forward hooks on its
-prunable layers accumulate, per input channel, the float64 sum of squares and sum of the
-layer's inputs, and the token count. Its outputs become the next block's inputs.
+prunable layers hand each layer's input to the method's accumulator (``ChannelSums``:
+per input channel, the float64 sum of squares and sum of the layer's inputs, and the
+token count). Its outputs become the next block's inputs.
 
-``oneshot``: every statistic comes from the dense model. ``sequential`` (the Wanda paper):
-after block i's statistics are complete, ``on_block`` prunes block i, and block i's outputs
-are recomputed with its pruned weights before they feed block i+1.
+An accumulator says how its statistics reduce over ranks (``finish_block``) and whether
+they may be cached (``cacheable``). ``oneshot``: every statistic comes from the dense model.
+``sequential`` (the Wanda paper): after block i's statistics are complete, ``on_block``
+prunes block i, and block i's outputs are recomputed with its pruned weights before they
+feed block i+1.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ class LayerStats:
     sum: torch.Tensor  # (in,) float64: sum over tokens of x_j
     count: int  # tokens seen
 
+    @classmethod
+    def from_norms(cls, norms: torch.Tensor) -> LayerStats:
+        """Statistics whose ``norm()`` is ``norms`` (in,): for pruning with norms from elsewhere."""
+        norms = norms.double()
+        return cls(norms * norms, torch.zeros_like(norms), 1)
+
     def norm(self) -> torch.Tensor:
         """Wanda's per-input-channel activation norm, sqrt(sumsq / count), float64."""
         return (self.sumsq / max(self.count, 1)).sqrt()
@@ -68,6 +77,40 @@ def merge(stats: list[LayerStats], partials: list[list[torch.Tensor]], comm: Com
             st.sumsq += part[:c]
             st.sum += part[c:2 * c]
             st.count += int(part[2 * c])
+
+
+class ChannelSums:
+    """Per-input-channel sums (Wanda's and RIA's statistics). Every rank ends with every
+    layer's sums: per-batch sums are gathered and added in batch order, bit for bit those
+    of one process. Small ((2 * in + 1) floats a layer), so they are kept for the whole
+    model and cached."""
+
+    cacheable = True
+
+    def __init__(self, layers: list[PrunableLayer], comm: Comm = SINGLE) -> None:
+        self.comm = comm
+        self.stats = {layer.name: LayerStats(torch.zeros(layer.weight.shape[1], dtype=torch.float64),
+                                             torch.zeros(layer.weight.shape[1], dtype=torch.float64), 0)
+                      for layer in layers}
+        self._partials: dict[str, list[torch.Tensor]] = {}
+
+    def start_block(self, layers: list[PrunableLayer]) -> None:
+        self._partials = {layer.name: [] for layer in layers}
+
+    def add(self, layer: PrunableLayer, x: torch.Tensor) -> None:
+        """One batch of the layer's input, x (..., in)."""
+        self._partials[layer.name].append(batch_stats(x))
+
+    def finish_block(self) -> dict[str, LayerStats]:
+        """The block's statistics, complete on every rank."""
+        names = list(self._partials)
+        merge([self.stats[name] for name in names], list(self._partials.values()), self.comm)
+        for name in names:  # never prune with, or cache, non-finite statistics
+            st = self.stats[name]
+            if not (torch.isfinite(st.sumsq).all() and torch.isfinite(st.sum).all()):
+                raise NonFiniteScoreError(f"non-finite (NaN or Inf) calibration statistics at the input of layer "
+                                          f"{name}: the activations reaching it overflow")
+        return {name: self.stats[name] for name in names}
 
 
 class _Stop(Exception):
@@ -121,24 +164,21 @@ def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor, device,
+def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor, device, accumulator,
             mode: str = "oneshot", on_block: Callable[[int, list[PrunableLayer], dict], None] | None = None,
-            batch_size: int = 8, show: bool = True, comm: Comm = SINGLE) -> dict[str, LayerStats]:
-    """Per-layer input statistics of ``layers`` over ``windows`` (samples, seqlen), one
-    decoder block on ``device`` at a time. In sequential mode ``on_block(i, block_layers,
-    stats)`` prunes block i before its outputs are recomputed. With several ranks, each
-    passes its share of the windows in whole batches (``dist.batch_share``) and the
-    per-batch statistics are gathered block by block and added in batch order, so every
-    rank ends with the statistics of all samples, bit for bit those of one process."""
+            batch_size: int = 8, show: bool = True) -> None:
+    """Feed the inputs of ``layers`` over ``windows`` (samples, seqlen) to ``accumulator``,
+    one decoder block on ``device`` at a time; ``on_block(i, block_layers, statistics)``
+    receives each block's reduced statistics as soon as they are complete. In sequential
+    mode it prunes block i, and block i's outputs are recomputed before they feed block
+    i+1. With several ranks, each passes its share of the windows in whole batches
+    (``dist.batch_share``); the accumulator reduces over ranks."""
     if mode not in ("oneshot", "sequential"):
         raise ValueError(f"unknown calibration mode {mode!r}")
     blocks = decoder_blocks(model)
     by_block: dict[int, list[PrunableLayer]] = {}
     for layer in layers:
         by_block.setdefault(layer.block, []).append(layer)
-    stats = {layer.name: LayerStats(torch.zeros(layer.weight.shape[1], dtype=torch.float64),
-                                    torch.zeros(layer.weight.shape[1], dtype=torch.float64), 0)
-             for layer in layers}
     inputs = capture_block_inputs(model, windows, batch_size, device)
     last = max(by_block, default=-1)  # blocks after the last one with layers need no forward
     for i, block in enumerate(progress(blocks, "calibrate", "block", show)):
@@ -146,30 +186,30 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
             break
         home = next(block.parameters()).device
         block.to(device)
-        partials: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in by_block.get(i, [])}
-        handles = [layer.module.register_forward_hook(
-            lambda _m, args, _out, p=partials[layer.name]: p.append(batch_stats(args[0])))
-            for layer in by_block.get(i, [])]
+        mine = by_block.get(i, [])
+        accumulator.start_block(mine)
+        handles = [layer.module.register_forward_hook(lambda _m, args, _out, lay=layer: accumulator.add(lay, args[0]))
+                   for layer in mine]
         try:
             outputs = _run_block(block, inputs)
         finally:
             for h in handles:
                 h.remove()
-        merge([stats[name] for name in partials], list(partials.values()), comm)
-        for name in partials:  # never prune with, or cache, non-finite statistics
-            if not (torch.isfinite(stats[name].sumsq).all() and torch.isfinite(stats[name].sum).all()):
-                raise NonFiniteScoreError(f"non-finite (NaN or Inf) calibration statistics at the input of layer "
-                                          f"{name}: the activations reaching it overflow")
-        if mode == "sequential" and by_block.get(i):
-            on_block(i, by_block[i], stats)
-            outputs = _run_block(block, inputs)  # block i's outputs with its pruned weights
+        block_stats = accumulator.finish_block()
+        if mine and on_block is not None:
+            on_block(i, mine, block_stats)
+            if mode == "sequential":
+                outputs = _run_block(block, inputs)  # block i's outputs with its pruned weights
         block.to(home)
         inputs = outputs
-    return stats
 
 
-def norms(stats: dict[str, LayerStats]) -> dict[str, torch.Tensor]:
-    return {name: st.norm() for name, st in stats.items()}
+def channel_sums(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor, device,
+                 batch_size: int = 8, show: bool = True, comm: Comm = SINGLE) -> dict[str, LayerStats]:
+    """Oneshot per-channel sums of every layer of ``layers`` (the dense model's)."""
+    acc = ChannelSums(layers, comm)
+    collect(model, layers, windows, device, acc, batch_size=batch_size, show=show)
+    return acc.stats
 
 
 def cache_key(fields: dict) -> str:

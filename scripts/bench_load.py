@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_select import machine, replace_section, reset_peak, rss_kib
 
-from distprune import checkpoint, models
+from distprune import models, writer
 from distprune.config import ModelConfig
 
 
@@ -32,7 +32,7 @@ def child(args) -> None:
     t0 = time.perf_counter()
     if args.mode == "full":
         loaded = models.load(cfg)
-        nbytes = sum(t.numel() * t.element_size() for t in checkpoint._unique_state_dict(loaded.model).values())
+        nbytes = sum(t.numel() * t.element_size() for t in writer.unique_state_dict(loaded.model).values())
     else:
         loaded, nbytes = models.load_shard(cfg, lambda m: models.shard_keys(m, [], [], args.rank, args.ws,
                                                                              args.rank == 0))

@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distprune.scores import SCORERS
+from distprune.config import PruneConfig
+from distprune.methods import METHODS as PRUNE_METHODS
 from distprune.select import ScoreStream, TieBudget, select, target_count
+from distprune.stats import LayerStats
 
 # (out, in) shapes of one decoder block's linear layers, and the number of blocks.
 SHAPES = {
@@ -51,6 +53,12 @@ def make_weights(shapes: str, blocks: int | None, seed: int = 0, device: str = "
     return weights, norms
 
 
+def score_fn(name: str):
+    """(weight, activation norms) -> scores of the registered method ``name``."""
+    method, cfg = PRUNE_METHODS[name], PruneConfig(method=name)
+    return lambda w, norms: method.score(w, LayerStats.from_norms(norms), cfg)
+
+
 def weight_count(shapes: str, blocks: int | None) -> int:
     """Number of weights make_weights builds, without building them."""
     count, block = SHAPES[shapes]
@@ -70,7 +78,7 @@ def reset_peak() -> None:
 
 def child(args) -> None:
     weights, norms = make_weights(args.shapes, args.blocks, device=args.device)
-    fn = SCORERS[args.score].fn
+    fn = score_fn(args.score)
 
     def score(i):
         return fn(weights[i], norms[i])
@@ -130,7 +138,7 @@ def dist_child(args) -> None:
     weights, norms = make_weights(args.shapes, args.blocks)
     shards = partition([SimpleNamespace(numel=w.numel(), i=i) for i, w in enumerate(weights)], comm.world_size)
     mine = [layer.i for layer in shards[comm.rank]]
-    fn = SCORERS[args.score].fn
+    fn = score_fn(args.score)
     stream = ScoreStream([str(i) for i in mine], lambda j: fn(weights[mine[j]], norms[mine[j]]),
                          max(1, min(4, torch.get_num_threads())))
     n = sum(w.numel() for w in weights)

@@ -17,8 +17,8 @@ from distprune.api import calibrate_and_prune
 from distprune.cli import run
 from distprune.config import CalibConfig, ConfigError, EvalConfig, ModelConfig
 from distprune.data import calibration_windows, random_windows, read_text, self_windows, sequential_windows
-from distprune.evaluate import perplexity
 from distprune.models import load, prunable_layers
+from distprune.perplexity import perplexity
 
 
 def tiny_model(arch: str, seed: int = 0):
@@ -53,7 +53,7 @@ def test_blockwise_stats_equal_full_forward(arch):
     model = tiny_model(arch)
     layers = prunable_layers(model)
     ids = windows()
-    got = stats.collect(model, layers, ids, "cpu", "oneshot", batch_size=4, show=False)
+    got = stats.channel_sums(model, layers, ids, "cpu", batch_size=4, show=False)
     ref = direct_stats(model, layers, ids)
     for layer in layers:
         sumsq, total, count = ref[layer.name]
@@ -71,9 +71,9 @@ def test_sequential_differs_from_oneshot_only_after_block0(arch):
     captured = {}
     original = stats.collect
 
-    def spy(model, layers, w, device, mode="oneshot", *args, **kwargs):
-        captured[mode] = original(model, layers, w, device, mode, *args, **kwargs)
-        return captured[mode]
+    def spy(model, layers, w, device, acc, mode="oneshot", *args, **kwargs):
+        original(model, layers, w, device, acc, mode, *args, **kwargs)
+        captured[mode] = acc.stats
 
     stats.collect = spy
     try:
@@ -99,7 +99,8 @@ def test_wanda_uses_the_collected_norms():
     calibrate_and_prune(a, cfg, windows, "cpu", show_progress=False)
     layers = prunable_layers(b)
     ref = direct_stats(b, layers, windows())
-    prune(b, cfg, norms={n: (v[0] / v[2]).sqrt() for n, v in ref.items()}, show_progress=False)
+    prune(b, cfg, {n: stats.LayerStats.from_norms((v[0] / v[2]).sqrt()) for n, v in ref.items()},
+          show_progress=False)
     for la, lb in zip(prunable_layers(a), layers, strict=True):
         assert torch.equal(la.weight == 0, lb.weight == 0), la.name
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import distprune.checkpoint as checkpoint
+import distprune.writer as writer
 from distprune.cli import run
 from distprune.config import ConfigError
 
@@ -26,14 +27,14 @@ def test_job_finishing_second_never_replaces_the_first(tiny, monkeypatch):
     CLI), the other's checkpoint stays; with overwrite=true it is replaced."""
     cfg = tiny()
     out = Path(cfg.output_dir)
-    original = checkpoint.write_checkpoint
+    original = writer.write_checkpoint
 
     def other_job_finishes_first(directory, *args, **kwargs):
         original(directory, *args, **kwargs)
         out.mkdir(exist_ok=True)
         (out / "model.safetensors").write_text("the other job's checkpoint")
 
-    monkeypatch.setattr(checkpoint, "write_checkpoint", other_job_finishes_first)
+    monkeypatch.setattr(writer, "write_checkpoint", other_job_finishes_first)
     with pytest.raises(ConfigError, match="was filled by another job while this one ran") as e:
         run(cfg)
     assert "\n" not in str(e.value)

@@ -14,6 +14,7 @@ from distprune.checkpoint import REPORT
 from distprune.cli import run
 from distprune.models import load, prunable_layers
 from distprune.select import target_count
+from distprune.stats import LayerStats
 
 
 def dense_and_pruned(cfg):
@@ -118,7 +119,8 @@ def test_wanda_api_matches_brute_force(tiny):
         s = layer.weight.abs() * norms[layer.name].float()[None, :]
         order = s.argsort(dim=1, stable=True)[:, : target_count(0.5, s.shape[1])]
         expected[layer.name] = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True)
-    result = prune(model, PruneConfig(method="wanda", scope="row", sparsity=0.5), norms=norms)
+    result = prune(model, PruneConfig(method="wanda", scope="row", sparsity=0.5),
+                   {name: LayerStats.from_norms(n) for name, n in norms.items()})
     for layer in layers:
         assert torch.equal(layer.weight == 0, expected[layer.name])
     assert result.pruned == sum(int(m.sum()) for m in expected.values())
@@ -141,7 +143,8 @@ def test_nm_matches_brute_force(tiny, arch, method, sparsity, m):
         order = s.argsort(dim=1, stable=True)[:, :n]
         expected[layer.name] = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True).view_as(w)
     cfg = PruneConfig(method=method, scope="nm", sparsity=sparsity, m=m)
-    result = prune(model, cfg, norms=norms if method == "wanda" else None)
+    result = prune(model, cfg, {name: LayerStats.from_norms(n) for name, n in norms.items()} if method == "wanda"
+                   else None)
     for layer in layers:
         zero = layer.weight == 0
         assert torch.equal(zero, expected[layer.name]), layer.name
@@ -150,9 +153,9 @@ def test_nm_matches_brute_force(tiny, arch, method, sparsity, m):
     assert result.summary()["scope"] == "nm" and result.summary()["m"] == m
 
 
-def test_wanda_without_norms_is_an_error(tiny):
+def test_wanda_without_statistics_is_an_error(tiny):
     model = load(tiny().model).model
-    with pytest.raises(ValueError, match="needs activation norms"):
+    with pytest.raises(ValueError, match="needs calibration statistics"):
         prune(model, PruneConfig())  # wanda is the default method
 
 

@@ -6,10 +6,10 @@ import os
 import time
 from pathlib import Path
 
-import distprune.checkpoint as checkpoint
+import distprune.writer as writer
 from distprune.cli import entry, main
 
-original = checkpoint.write_checkpoint
+original = writer.write_checkpoint
 
 
 def stalling_write(directory, *args, **kwargs):
@@ -19,7 +19,7 @@ def stalling_write(directory, *args, **kwargs):
         time.sleep(600)
 
 
-checkpoint.write_checkpoint = stalling_write
+writer.write_checkpoint = stalling_write
 
 if __name__ == "__main__":
     entry(main)

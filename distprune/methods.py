@@ -1,0 +1,45 @@
+"""The pruning methods: one registry entry each, and the only place that names them.
+
+A method declares what it accumulates during calibration (nothing, or a ``stats``
+accumulator, which says how its statistics reduce over ranks and whether they are
+cached), and then either scores weights (``score``: every scope and selector applies) or
+solves a layer (``solve``: new weights and mask for a target sparsity). ``options`` are
+the PruneConfig keys that only this method reads; ``scopes`` the comparison groups it
+supports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from distprune import scores
+from distprune.masks import SCOPES
+from distprune.stats import ChannelSums
+
+if TYPE_CHECKING:
+    from distprune.config import PruneConfig
+
+# (weight (out, in), the layer's statistics or None, config) -> (out, in) non-negative scores
+ScoreFn = Callable[[torch.Tensor, Any, "PruneConfig"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    statistic: type | None  # accumulator class (stats.py); None: needs no calibration
+    score: ScoreFn | None = None
+    options: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = SCOPES
+
+    @property
+    def calibrated(self) -> bool:
+        return self.statistic is not None
+
+
+METHODS: dict[str, Method] = {
+    "magnitude": Method(None, score=lambda w, _st, _cfg: scores.magnitude(w)),
+    "wanda": Method(ChannelSums, score=lambda w, st, _cfg: scores.wanda(w, st.norm())),
+}
