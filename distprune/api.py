@@ -13,9 +13,10 @@ from torch import nn
 from distprune import stats
 from distprune.config import ConfigError, PruneConfig
 from distprune.dist import SINGLE, Comm, batch_share
-from distprune.masks import GroupsResult, prune_groups
+from distprune.masks import GroupsResult, LayerResult, prune_groups, write_solved
 from distprune.methods import METHODS
 from distprune.models import PrunableLayer, prunable_layers, weights_to
+from distprune.progress import progress
 
 
 @dataclass
@@ -25,6 +26,8 @@ class PruneResult:
     mode: str | None = None  # oneshot / sequential statistics; None without calibration
     stats_cache: str | None = None  # hit, miss or off
     stats_seconds: float = 0.0  # calibration forward passes (and cache I/O)
+    solve: dict | None = None  # a solve method's per-layer details, seconds and bytes per rank
+    everywhere: bool = False  # every rank holds every pruned weight (no broadcast needed to evaluate)
 
     @property
     def numel(self) -> int:
@@ -56,6 +59,7 @@ class PruneResult:
             "mode": self.mode,
             "stats_cache": self.stats_cache,
             "layers": [asdict(r) for r in self.groups.layers],
+            **({"solve": self.solve} if self.solve is not None else {}),
         }
 
 
@@ -88,12 +92,22 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
         if missing:
             raise ConfigError(f"prune.method={cfg.method} needs calibration statistics; none for {missing[0]}")
 
+    check_groups(layers, cfg)
+    if method.solve is not None:  # each layer on its own (no collectives): the caller owns the layers
+        groups, details = GroupsResult([], seconds={"solve": 0.0}), {}
+        for layer in progress(layers, f"{cfg.method} {cfg.scope}", "layer", show_progress):
+            t0 = time.perf_counter()
+            solved = method.solve(layer.weight, statistics[layer.name], cfg)
+            groups.layers.append(write_solved(layer, solved.weight, solved.mask))
+            groups.seconds["solve"] += time.perf_counter() - t0
+            details[layer.name] = {"percdamp": solved.percdamp, "error": solved.error}
+        return PruneResult(cfg, groups, solve={"layers": details})
+
     def score(layer: PrunableLayer) -> torch.Tensor:
         # contiguous: stream order (ties) is the flat index of the (out, in) scores
         st = statistics[layer.name] if method.calibrated else None
         return method.score(layer.weight, st, cfg).contiguous()
 
-    check_groups(layers, cfg)
     groups = prune_groups(layers, score, cfg.scope, cfg.sparsity, cfg.selector, comm, show_progress, m=cfg.m,
                           search_tol=cfg.search_tol, search_max_iter=cfg.search_max_iter)
     return PruneResult(cfg, groups)
@@ -133,6 +147,8 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
         w = windows()
         return w[batch_share(w.shape[0], batch_size, comm)]
 
+    if method.solve is not None:
+        return _calibrate_and_solve(model, config, mine, device, layers, batch_size, comm, show_progress, own)
     t0 = time.perf_counter()
     if mode == "sequential":
         groups = GroupsResult([])
@@ -146,7 +162,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
         elapsed = time.perf_counter() - t0 - sum(groups.seconds.values())
         names = {layer.name for layer in own}
         groups.layers = [r for r in groups.layers if r.name in names]
-        return PruneResult(config, groups, mode, "off", elapsed)
+        return PruneResult(config, groups, mode, "off", elapsed, everywhere=True)
 
     cacheable = cache_file is not None and method.statistic.cacheable
     names = [layer.name for layer in layers]
@@ -164,3 +180,51 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     weights_to(own, device)
     result = prune(model, config, found, comm=comm, layers=own, show_progress=show_progress)
     return PruneResult(config, result.groups, mode, hit, elapsed)
+
+
+def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callable[[], torch.Tensor], device,
+                         layers: list[PrunableLayer], batch_size: int, comm: Comm, show: bool,
+                         own: list[PrunableLayer]) -> PruneResult:
+    """A solve method, block by block: each block's statistics are reduced onto the rank
+    that owns each layer (balanced by solve cost), the owner solves it, and the new
+    weights are broadcast to every rank (sequential mode runs the next block on them;
+    saving and evaluation need them anyway). oneshot takes every statistic from the
+    dense model, sequential from the outputs of the pruned blocks before. No rank holds
+    more than one block's statistics."""
+    method, mode = METHODS[config.method], config.resolved_mode
+    acc = method.statistic(layers, comm)
+    solved: list[tuple[int, LayerResult]] = []  # (index in layers, result) of the layers this rank solved
+    details: dict[str, dict] = {}
+    index = {layer.name: i for i, layer in enumerate(layers)}
+    seconds, block_bytes = [0.0], []
+    mark = [comm.bytes_communicated]
+
+    def solve_block(_i: int, block_layers: list[PrunableLayer], hessians: dict) -> None:
+        t0 = time.perf_counter()
+        mine = [layer for layer in block_layers if acc.owner[layer.name] == comm.rank]
+        part = prune(model, config, hessians, layers=mine, show_progress=False)
+        solved.extend((index[r.name], r) for r in part.groups.layers)
+        details.update({name: {**d, "rank": comm.rank} for name, d in part.solve["layers"].items()})
+        seconds[0] += time.perf_counter() - t0
+        for layer in block_layers:  # the pruned weights, from each owner to every rank
+            comm.broadcast_(layer.module.weight.data, src=acc.owner[layer.name])
+        block_bytes.append(comm.bytes_communicated - mark[0])
+        mark[0] = comm.bytes_communicated
+
+    t0 = time.perf_counter()
+    stats.collect(model, layers, windows(), device, acc, mode, solve_block, batch_size, show)
+    elapsed = time.perf_counter() - t0 - seconds[0]
+    everyone = [r for part in comm.all_gather_objects(solved) for r in part]
+    names = {layer.name for layer in own}
+    results = [r for _, r in sorted(everyone, key=lambda ir: ir[0]) if r.name in names]
+    merged: dict[str, dict] = {}
+    for part in comm.all_gather_objects(details):
+        merged.update(part)
+    solve = {
+        "seconds_per_rank": comm.all_gather_objects(round(seconds[0], 4)),
+        "bytes_per_block_per_rank": comm.all_gather_objects(block_bytes),
+        "raised_percdamp": {n: d["percdamp"] for n, d in merged.items() if d["percdamp"] != config.percdamp},
+        "layers": {layer.name: merged[layer.name] for layer in layers},
+    }
+    groups = GroupsResult(results, seconds={"solve": seconds[0]})
+    return PruneResult(config, groups, mode, "off", elapsed, solve, everywhere=True)

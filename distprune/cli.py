@@ -196,14 +196,24 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
                  cfg.calib.seqlen, cfg.calib.source, result.stats_cache, seconds["statistics"])
     seconds.update({k: round(v, 4) for k, v in result.groups.seconds.items()})
     summary = result.summary()
-    log.info("score+select: %s %s scope, selector %s, %d passes in %.2fs", cfg.prune.method, cfg.prune.scope,
-             summary["selector"], summary["selector_passes"], seconds["score+select"])
-    log.info("mask: pruned %d of %d weights (%.4f, target %.4f) in %.2fs", result.pruned, result.numel,
-             summary["pruned_fraction"], cfg.prune.sparsity, seconds["mask"])
+    if result.solve is not None:
+        solve = result.solve
+        log.info("solve: %s %s scope, pruned %d of %d weights (%.4f, target %.4f); seconds per rank %s, %.1f MB moved "
+                 "per rank", cfg.prune.method, cfg.prune.scope, result.pruned, result.numel, summary["pruned_fraction"],
+                 cfg.prune.sparsity, solve["seconds_per_rank"],
+                 max(sum(b) for b in solve["bytes_per_block_per_rank"]) / 1e6)
+        for name, pd in solve["raised_percdamp"].items():
+            log.warning("solve: %s factorized only with dampening raised to %g", name, pd)
+    else:
+        log.info("score+select: %s %s scope, selector %s, %d passes in %.2fs", cfg.prune.method, cfg.prune.scope,
+                 summary["selector"], summary["selector_passes"], seconds["score+select"])
+        log.info("mask: pruned %d of %d weights (%.4f, target %.4f) in %.2fs", result.pruned, result.numel,
+                 summary["pruned_fraction"], cfg.prune.sparsity, seconds["mask"])
 
     if cfg.eval.source:
         with phase(seconds, "eval"):
-            sync_pruned(parts, comm)
+            if not result.everywhere:
+                sync_pruned(parts, comm)
             ppl["pruned"] = evaluate_ppl(cfg, loaded.model, windows, device, comm)
         log.info("eval: pruned perplexity %.3f (dense %s) in %.1fs", ppl["pruned"],
                  f"{ppl['dense']:.3f}" if "dense" in ppl else "not evaluated", seconds["eval"])

@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from distprune.errors import ConfigError
 from distprune.masks import SCOPES
-from distprune.methods import METHODS
+from distprune.methods import METHODS, OPTIONS
 from distprune.select import SELECTORS
 
 __all__ = ["CalibConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "PruneConfig", "register_configs"]
@@ -54,11 +54,17 @@ class PruneConfig:
     exclude: list[str] = field(default_factory=list)
     search_tol: float = 1e-4  # search: stop when |count - k| <= tol * n
     search_max_iter: int = 20  # search: counting passes at most (the seed report's 20)
+    ria_a: float = 0.5  # ria: exponent of the activation norm
+    percdamp: float = 0.01  # sparsegpt: dampening added to diag(H), a fraction of its mean
+    blocksize: int = 128  # sparsegpt: columns whose mask is chosen together (a multiple of m for nm)
 
     @property
     def selector_name(self) -> str:
         """The selector this scope uses, as reports name it: row and N:M groups are always
-        selected with an exact per-group kthvalue."""
+        selected with an exact per-group kthvalue; a solve chooses its mask itself, block
+        of columns by block."""
+        if METHODS[self.method].solve is not None:
+            return f"{self.method}-{self.scope}"
         return f"{self.scope}-kthvalue" if self.scope in ("row", "nm") else self.selector
 
     @property
@@ -83,12 +89,35 @@ class PruneConfig:
                               "N:M pruning needs sparsity = N/M (2:4 is prune.sparsity=0.5 prune.m=4)")
         if self.search_tol < 0 or self.search_max_iter < 0:
             raise ConfigError("prune.search_tol and prune.search_max_iter must be >= 0")
+        if self.percdamp < 0:
+            raise ConfigError(f"prune.percdamp={self.percdamp} must be >= 0")
+        if self.blocksize < 1:
+            raise ConfigError(f"prune.blocksize={self.blocksize} must be at least 1")
+        if self.ria_a < 0:
+            raise ConfigError(f"prune.ria_a={self.ria_a} must be >= 0")
+        method = METHODS[self.method]
+        if self.scope not in method.scopes:
+            why = " (it needs per-layer budgets: the allocation work)" if self.scope == "global" else ""
+            raise ConfigError(f"prune.method={self.method} does not support prune.scope={self.scope}{why}; use "
+                              f"{', '.join(method.scopes)}")
+        if method.solve is not None and self.scope == "nm" and self.blocksize % self.m:
+            raise ConfigError(f"prune.blocksize={self.blocksize} is not a multiple of prune.m={self.m}: N:M groups "
+                              "must not straddle two blocks of columns")
         self._check_effective()
 
     def _check_effective(self) -> None:
         """Refuse a setting that would be silently ignored in the chosen scope (a value
         other than its default that nothing reads)."""
         defaults = PruneConfig.__dataclass_fields__
+        method = METHODS[self.method]
+        for key in OPTIONS:
+            if key not in method.options and getattr(self, key) != defaults[key].default:
+                users = [name for name, m in METHODS.items() if key in m.options]
+                raise ConfigError(f"prune.{key}={getattr(self, key)} has no effect with prune.method={self.method}: "
+                                  f"it tunes prune.method={'/'.join(users)}")
+        if method.solve is not None and self.selector != defaults["selector"].default:
+            raise ConfigError(f"prune.selector={self.selector} has no effect with prune.method={self.method}: "
+                              "its solve chooses the mask itself")
         if self.scope in ("row", "nm") and self.selector != defaults["selector"].default:
             raise ConfigError(f"prune.selector={self.selector} has no effect with prune.scope={self.scope}: row and "
                               f"N:M groups are always selected exactly per group (selector {self.selector_name}); "

@@ -58,6 +58,17 @@ class Comm:
                 t.copy_(wire)
         return t
 
+    def reduce_sum_(self, t: torch.Tensor, dst: int) -> torch.Tensor:
+        """Sum a tensor over ranks onto rank dst, in place there (a reduce, not an
+        all-reduce: only dst needs the sum). Other ranks' ``t`` is left undefined."""
+        if self._dist:
+            self._count(t)
+            wire = self._on_wire(t)
+            self._dist.reduce(wire, dst=dst, op=self._dist.ReduceOp.SUM)
+            if wire is not t and self.rank == dst:
+                t.copy_(wire)
+        return t
+
     def all_gather_ints(self, value: int) -> list[int]:
         """One integer from every rank, in rank order."""
         if not self._dist:

@@ -16,21 +16,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distprune import scores
+from distprune import scores, sparsegpt
 from distprune.masks import SCOPES
-from distprune.stats import ChannelSums
+from distprune.stats import ChannelSums, Hessians
 
 if TYPE_CHECKING:
     from distprune.config import PruneConfig
 
 # (weight (out, in), the layer's statistics or None, config) -> (out, in) non-negative scores
 ScoreFn = Callable[[torch.Tensor, Any, "PruneConfig"], torch.Tensor]
+# (weight (out, in), the layer's statistics, config) -> new weight and mask (sparsegpt.Solved)
+SolveFn = Callable[[torch.Tensor, Any, "PruneConfig"], sparsegpt.Solved]
 
 
 @dataclass(frozen=True)
 class Method:
-    statistic: type | None  # accumulator class (stats.py); None: needs no calibration
+    statistic: Callable | None  # (layers, comm) -> a stats accumulator; None: needs no calibration
     score: ScoreFn | None = None
+    solve: SolveFn | None = None
     options: tuple[str, ...] = ()
     scopes: tuple[str, ...] = SCOPES
 
@@ -42,4 +45,11 @@ class Method:
 METHODS: dict[str, Method] = {
     "magnitude": Method(None, score=lambda w, _st, _cfg: scores.magnitude(w)),
     "wanda": Method(ChannelSums, score=lambda w, st, _cfg: scores.wanda(w, st.norm())),
+    "ria": Method(ChannelSums, score=lambda w, st, cfg: scores.ria(w, st.norm(), cfg.ria_a), options=("ria_a",)),
+    # a global scope needs per-layer budgets for the solve (allocation, to come): not offered yet
+    "sparsegpt": Method(lambda layers, comm: Hessians(layers, comm, sparsegpt.solve_cost),
+                        solve=lambda w, h, cfg: sparsegpt.solve(w, h, cfg.sparsity, cfg.scope, cfg.m, cfg.blocksize,
+                                                                cfg.percdamp),
+                        options=("percdamp", "blocksize"), scopes=("layer", "row", "nm")),
 }
+OPTIONS = tuple(dict.fromkeys(o for method in METHODS.values() for o in method.options))  # method-specific keys

@@ -22,3 +22,13 @@ def wanda(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     channel over the calibration tokens."""
     # abs of a 16-bit weight is exact; the product is computed in float32 by type promotion
     return weight.abs() * norms.to(device=weight.device, dtype=torch.float32)[None, :]
+
+
+def ria(weight: torch.Tensor, norms: torch.Tensor, a: float = 0.5) -> torch.Tensor:
+    """Relative importance and activations (Zhang et al., ICLR 2024): (|W_ij| / sum_i |W_ij|
+    + |W_ij| / sum_j |W_ij|) * ||X_j||^a. The first sum runs over the column (every output
+    of input j), the second over the row; a column or row of zeros scores 0."""
+    w = weight.float().abs()  # (out, in)
+    tiny = torch.finfo(torch.float32).tiny  # 0 / tiny = 0 for an all-zero column or row
+    relative = w / w.sum(0, keepdim=True).clamp_min(tiny) + w / w.sum(1, keepdim=True).clamp_min(tiny)
+    return relative * norms.to(device=weight.device, dtype=torch.float32).pow(a)[None, :]

@@ -5,9 +5,9 @@
 # so tests/test_select.py needs it on the machine), then run it with carry [".whl"]:
 #   pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
 #       pytest pluggy iniconfig
-# Under 8 minutes on an H100/H200: the test suite, bench_select at Llama-2-7B shapes, and an
+# Under 10 minutes on an H100/H200: the test suite, bench_select at Llama-2-7B shapes, an
 # end-to-end oneshot Wanda prune of a random-weight 7B Llama with 128 x 2048 calibration
-# tokens. Everything it prints also lands in $OUT (or ./gpu_check_out).
+# tokens, and SparseGPT 2:4 on its first 4 blocks with 32 x 2048 tokens. Everything it prints also lands in $OUT (or ./gpu_check_out).
 # SMOKE=1 runs the same steps on the CPU at tiny shapes, without the test suite (the test
 # suite runs it that way: tests/test_scripts.py), so that the script cannot rot unseen.
 set -uo pipefail
@@ -16,8 +16,10 @@ OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu SHAPES="--shapes smollm2-135m --blocks 1" REPEAT=1 MODEL=tiny-llama NSAMPLES=4 SEQLEN=64 BATCH=2
+  NSAMPLES_SOLVE=2
 else
   DEVICE=cuda SHAPES="--shapes llama-2-7b" REPEAT=3 MODEL=llama-2-7b-random NSAMPLES=128 SEQLEN=2048 BATCH=8
+  NSAMPLES_SOLVE=32
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -64,4 +66,10 @@ timeout 300 python3 -m distprune model=$MODEL calib.source=random calib.nsamples
   calib.seqlen=$SEQLEN calib.batch_size=$BATCH calib.cache=false prune.scope=global device=$DEVICE save=false \
   output_dir="$OUT/e2e" overwrite=true 2>&1 | grep -v "it/s" | tail -8 | tee "$OUT/e2e.txt" || fail=1
 python3 -c "import json; r = json.load(open('$OUT/e2e/distprune_report.json')); print('seconds', r['seconds']); print('peak_gpu_gib', r.get('peak_gpu_gib'))" 2>&1 | tee -a "$OUT/e2e.txt" || fail=1
+echo "== end to end: sparsegpt 2:4, sequential, the first 4 blocks of $MODEL, $NSAMPLES_SOLVE x $SEQLEN tokens =="
+timeout 300 python3 -m distprune model=$MODEL calib.source=random calib.nsamples=$NSAMPLES_SOLVE \
+  calib.seqlen=$SEQLEN calib.batch_size=$BATCH prune=sparsegpt-2of4 "prune.include=['model.layers.[0-3].*']" \
+  device=$DEVICE save=false output_dir="$OUT/e2e_sparsegpt" overwrite=true 2>&1 | grep -v "it/s" | tail -6 \
+  | tee "$OUT/e2e_sparsegpt.txt" || fail=1
+python3 -c "import json; r = json.load(open('$OUT/e2e_sparsegpt/distprune_report.json')); print('seconds', r['seconds']); print('pruned', r['pruned_fraction'], 'raised percdamp', r['solve']['raised_percdamp']); print('peak_gpu_gib', r.get('peak_gpu_gib'))" 2>&1 | tee -a "$OUT/e2e_sparsegpt.txt" || fail=1
 exit $fail

@@ -13,7 +13,7 @@ from distprune.config import ModelConfig
 from distprune.models import load
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKED = {"bench_select.py", "bench_load.py", "bench_sample.py", "results.py", "gpu_check.sh"}
+SMOKED = {"bench_select.py", "bench_load.py", "bench_sample.py", "bench_solve.py", "results.py", "gpu_check.sh"}
 
 
 def script(tmp_path, *args, env=None, timeout=600):
@@ -78,6 +78,14 @@ def test_bench_sample(tmp_path, checkpoint):
     assert "| quiet | distprune | passive | " in text and " | 1.00 |" in text
 
 
+def test_bench_solve(tmp_path):
+    out = tmp_path / "B.md"
+    script(tmp_path, "bench_solve.py", "--hidden", "128", "--intermediate", "320", "--blocks", "2", "--ranks", "1,2",
+           "--nsamples", "2", "--seqlen", "16", "--nm", "--write", str(out))
+    text = out.read_text()
+    assert "| 1 | " in text and "| 2 | " in text and text.count("| 0.5000 |") == 2 and "2:4" in text
+
+
 def test_results(tmp_path, checkpoint, corpus):
     out = tmp_path / "R.md"
     out.write_text("# Results\n\n## Another section\n\nkept\n")
@@ -94,3 +102,4 @@ def test_gpu_check_smoke(tmp_path):
     assert "identical: True" in p.stdout and "seconds {" in p.stdout
     assert (tmp_path / "out" / "BENCHMARKS.md").is_file()
     assert (tmp_path / "out" / "e2e" / "distprune_report.json").is_file()
+    assert "pruned 0.5 raised percdamp {}" in p.stdout  # sparsegpt 2:4 on the included blocks

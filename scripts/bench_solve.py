@@ -1,0 +1,88 @@
+"""SparseGPT's solves split over ranks: solve and total time for 1, 2, 3 ranks, side by side.
+
+Each row is one real job (`python -m distprune prune=sparsegpt ...`, or torchrun with N
+ranks) on a random-weight Llama whose shapes make the solves dominate (few calibration
+tokens, wide layers); the report gives every rank's solve seconds and bytes moved. Every
+process runs one thread (torchrun's default per rank, set for one process too), so the
+rows differ only in how many ranks share the solves.
+
+    python scripts/bench_solve.py --ranks 1,2,3 --write docs/BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_select import machine, replace_marked
+
+
+def job(args, ranks: int, out: Path) -> dict:
+    launcher = ([sys.executable] if ranks == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)])
+    h, i, blocks = args.hidden, args.intermediate, args.blocks
+    model = ["model=tiny-llama", f"model.random.hidden_size={h}", f"model.random.intermediate_size={i}",
+             f"model.random.num_hidden_layers={blocks}", f"model.random.num_attention_heads={h // 64}",
+             f"model.random.num_key_value_heads={h // 64}"]
+    cmd = [*launcher, "-m", "distprune", *model, f"prune=sparsegpt{'-2of4' if args.nm else ''}",
+           f"prune.mode={args.mode}", "calib.source=random", f"calib.nsamples={args.nsamples}",
+           f"calib.seqlen={args.seqlen}", "calib.batch_size=1", "save=false", "device=cpu", f"output_dir={out}"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=3600)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{ranks} ranks failed: {p.stderr[-2000:]}")
+    report = json.loads((out / "distprune_report.json").read_text())
+    return {"wall": wall, "report": report}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", default="1,2,3")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--nsamples", type=int, default=6, help="calibration windows: whole batches of 1 per rank")
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--mode", default="sequential")
+    p.add_argument("--nm", action="store_true", help="2:4 instead of 50%% per layer")
+    p.add_argument("--write", default=None)
+    args = p.parse_args()
+
+    rows, base = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for ranks in [int(r) for r in args.ranks.split(",")]:
+            got = job(args, ranks, Path(tmp) / f"ws{ranks}")
+            r = got["report"]
+            solve = r["solve"]["seconds_per_rank"]
+            moved = max(sum(b) for b in r["solve"]["bytes_per_block_per_rank"])
+            base = base or (max(solve), got["wall"])
+            rows.append(f"| {ranks} | {got['wall']:.1f} | {r['seconds']['statistics']:.1f} | {max(solve):.1f} | "
+                        f"{', '.join(f'{s:.1f}' for s in solve)} | {base[0] / max(solve):.2f} | "
+                        f"{base[1] / got['wall']:.2f} | {moved / 1e6:.1f} | {r['pruned_fraction']:.4f} |")
+            print(rows[-1], file=sys.stderr)
+    table = "\n".join(["| ranks | wall s | statistics s | solve s (slowest rank) | solve s per rank | "
+                       "solve speedup | wall speedup | MB moved per rank | pruned fraction |",
+                       "|---:|---:|---:|---:|---|---:|---:|---:|---:|", *rows])
+    print(table)
+    if args.write:
+        h, i = args.hidden, args.intermediate
+        replace_marked(Path(args.write), "bench_solve", (
+            f"### SparseGPT solves split over ranks\n\n"
+            f"{time.strftime('%Y-%m-%d')}, {machine('cpu').rsplit(',', 1)[0]}, one thread per process. "
+            f"Random Llama, hidden {h}, intermediate {i}, {args.blocks} blocks "
+            f"({args.blocks * (4 * h * h + 3 * h * i) / 1e6:.1f}M prunable weights), "
+            f"{'2:4' if args.nm else '50% per layer'}, {args.mode}, calibration {args.nsamples} x {args.seqlen} "
+            f"random tokens.\n\n`python {' '.join(sys.argv)}`\n\n{table}\n"))
+
+
+if __name__ == "__main__":
+    main()
