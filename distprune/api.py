@@ -79,9 +79,10 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
     """Prune the decoder-block linear weights of ``model`` in place.
 
     ``statistics`` maps layer names to what the method accumulates over calibration data
-    (wanda: ``stats.LayerStats``; see ``calibrate_and_prune``). ``layers`` restricts
-    pruning to a subset (default: every prunable layer that the config's include/exclude
-    patterns admit).
+    (wanda, ria: ``stats.LayerStats``; sparsegpt: the (in, in) Hessian 2/n sum x x^T), as
+    ``calibrate_and_prune`` collects them. ``layers`` restricts pruning to a subset
+    (default: every prunable layer that the config's include/exclude patterns admit). A
+    solve method prunes each layer on its own, with no collectives.
     """
     cfg = config if isinstance(config, PruneConfig) else PruneConfig(**(config or {}))
     cfg.check()
@@ -131,7 +132,8 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     (statistics are gathered per batch and added in batch order), and prunes ``own`` (its
     shard of ``layers``); in sequential mode every rank prunes every block, since every
     rank runs the next block on the pruned one (the same deterministic computation on the
-    same statistics), and reports ``own``.
+    same statistics), and reports ``own``. A solve method (sparsegpt) instead solves each
+    layer on one rank: ``_calibrate_and_solve``.
 
     Afterwards the weights of ``own`` are on ``device`` and the rest of the model is where it
     was (block-wise onloading never moves the whole model): move it before running it.

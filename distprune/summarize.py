@@ -122,10 +122,12 @@ def series(table: list[dict]) -> tuple[str, dict[tuple[str, str, str], list[tupl
 
 
 def _shown(row: dict, key: str) -> str | None:
-    """What a line's label or the title shows of a setting: nothing for magnitude's mode
-    ("-") or for a selector that the scope implies (row and N:M use kthvalue)."""
+    """What a line's label or the title shows of a setting: nothing for a method's mode
+    that does not apply ("-") or for a selector that the scope or method implies (row and
+    N:M use kthvalue; a solve, e.g. sparsegpt-layer, chooses its own mask)."""
     v = row[key]
-    if v == "-" or (key == "selector" and row["scope"] not in ("global", "layer")):
+    implied = row["scope"] not in ("global", "layer") or str(v).startswith(f"{row['method']}-")
+    if v == "-" or (key == "selector" and implied):
         return None
     return str(v)
 

@@ -190,3 +190,22 @@ def test_an_unreadable_old_report_does_not_stop_a_sweep(tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("not written: JSONDecodeError") == 3  # after each job and at the end
     assert (old.parent / "prune.sparsity=0.5" / "distprune_report.json").is_file()
+
+
+def test_method_as_a_swept_key(tmp_path):
+    """Score and solve methods in one sweep: each job starts from the dense weights, the
+    summary has one row per method, and sparsegpt's report carries its solve."""
+    p = subprocess.run([sys.executable, "-m", "distprune", "-m", "model=tiny-llama", "prune.method=wanda,ria,sparsegpt",
+                        "prune.scope=nm", "calib.nsamples=4", "calib.seqlen=32", "save=false"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "tiny-llama"
+    with open(sweep_dir / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["method"] for r in rows) == ["ria", "sparsegpt", "wanda"]
+    assert all(r["achieved_sparsity"] == "0.5" for r in rows)
+    reports = {m: json.loads((sweep_dir / f"prune.method={m}" / "distprune_report.json").read_text())
+               for m in ("wanda", "ria", "sparsegpt")}
+    assert "solve" in reports["sparsegpt"] and "solve" not in reports["wanda"]
+    assert all(r["model_reused"] for m, r in reports.items() if m != "wanda")  # one load, dense weights restored
+    assert reports["sparsegpt"]["selector"] == "sparsegpt-nm"
