@@ -288,6 +288,7 @@ class Hessians:
     def start_block(self, layers: list[PrunableLayer]) -> None:
         self.owner = balance(layers, self.cost, self.comm.world_size)
         self._sums, self._leader, self._last, self._tokens = {}, {}, None, 0
+        self._layers = layers
         self._order = [layer.name for layer in layers]
 
     def add(self, layer: PrunableLayer, x: torch.Tensor) -> None:
@@ -313,11 +314,19 @@ class Hessians:
         inputs were on); the other ranks' sums are reduced onto it."""
         comm = self.comm
         tokens = int(comm.all_reduce_sum(torch.tensor([self._tokens], dtype=torch.int64)))
+        # rank 0's sharing, on every rank: a rank without calibration batches saw no inputs
+        leaders = comm.all_gather_objects(self._leader)[0] if comm.world_size > 1 else self._leader
         out = {}
-        for leader in [n for n in self._order if self._leader.get(n) == n]:
-            members = [n for n in self._order if self._leader.get(n) == leader]
+        for layer in self._layers:
+            leader = layer.name
+            if leaders.get(leader) != leader:
+                continue
+            members = [n for n in self._order if leaders.get(n) == leader]
             dsts = sorted({self.owner[n] for n in members})
-            total = self._sums.pop(leader)
+            cols = layer.weight.shape[1]
+            total = self._sums.pop(leader, None)
+            if total is None:  # no batches on this rank: it adds nothing to the sum
+                total = torch.zeros(cols, cols, dtype=torch.float64, device=layer.weight.device)
             for j, dst in enumerate(dsts):  # a reduce leaves the sender's buffer undefined: keep a copy
                 buf = total if j == len(dsts) - 1 else total.clone()
                 comm.reduce_sum_(buf, dst)

@@ -267,3 +267,18 @@ def test_ria_is_bit_identical_across_rank_counts(solved, ranks, job):
     ref, got = tensors(solved["ws1"].with_name("ws1-ria") / job), tensors(solved[f"ws{ranks}"].with_name(
         f"ws{ranks}-ria") / job)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_a_rank_without_calibration_batches(tmp_path):
+    """3 ranks, 2 batches: rank 2 sees no inputs, adds zeros to every reduce and still solves
+    its share; the result is one process's."""
+    args = ["prune.method=sparsegpt", "prune.scope=row", "model.dtype=float32", "calib.nsamples=2",
+            "calib.seqlen=32", "calib.batch_size=1"]
+    env = {"OMP_NUM_THREADS": "1"}
+    for ranks in (1, 3):
+        p = launch(ranks, tmp_path / f"ws{ranks}", *args, env=env, job="job")
+        assert p.returncode == 0, p.stderr[-3000:]
+    ref, got = tensors(tmp_path / "ws1" / "job"), tensors(tmp_path / "ws3" / "job")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    report = json.loads((tmp_path / "ws3" / "job" / "distprune_report.json").read_text())
+    assert {d["rank"] for d in report["solve"]["layers"].values()} == {0, 1, 2}
