@@ -13,7 +13,7 @@ from pathlib import Path
 from distprune.checkpoint import REPORT
 
 LINE_KEYS = ("model", "method", "scope", "mode", "selector")
-PHASES = ("load", "eval_dense", "statistics", "score+select", "mask", "eval", "save")
+PHASES = ("load", "eval_dense", "statistics", "score+select", "mask", "solve", "eval", "save")
 COLUMNS = ("job", "model", "method", "scope", "selector", "mode", "target_sparsity", "achieved_sparsity", "perplexity",
            "dense_perplexity", *(f"{p}_s" for p in PHASES), "peak_rss_gib", "peak_gpu_gib", "world_size")
 
