@@ -198,24 +198,24 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
     solved: list[tuple[int, LayerResult]] = []  # (index in layers, result) of the layers this rank solved
     details: dict[str, dict] = {}
     index = {layer.name: i for i, layer in enumerate(layers)}
-    seconds, block_bytes = [0.0], []
-    mark = [comm.bytes_communicated]
+    seconds, block_bytes, mark = 0.0, [], comm.bytes_communicated
 
     def solve_block(_i: int, block_layers: list[PrunableLayer], hessians: dict) -> None:
+        nonlocal seconds, mark
         t0 = time.perf_counter()
         mine = [layer for layer in block_layers if acc.owner[layer.name] == comm.rank]
         part = prune(model, config, hessians, layers=mine, show_progress=False)
         solved.extend((index[r.name], r) for r in part.groups.layers)
         details.update({name: {**d, "rank": comm.rank} for name, d in part.solve["layers"].items()})
-        seconds[0] += time.perf_counter() - t0
+        seconds += time.perf_counter() - t0
         for layer in block_layers:  # the pruned weights, from each owner to every rank
             comm.broadcast_(layer.module.weight.data, src=acc.owner[layer.name])
-        block_bytes.append(comm.bytes_communicated - mark[0])
-        mark[0] = comm.bytes_communicated
+        block_bytes.append(comm.bytes_communicated - mark)  # this block's reduces and broadcasts
+        mark = comm.bytes_communicated
 
     t0 = time.perf_counter()
     stats.collect(model, layers, windows(), device, acc, mode, solve_block, batch_size, show)
-    elapsed = time.perf_counter() - t0 - seconds[0]
+    elapsed = time.perf_counter() - t0 - seconds
     everyone = [r for part in comm.all_gather_objects(solved) for r in part]
     names = {layer.name for layer in own}
     results = [r for _, r in sorted(everyone, key=lambda ir: ir[0]) if r.name in names]
@@ -223,10 +223,10 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
     for part in comm.all_gather_objects(details):
         merged.update(part)
     solve = {
-        "seconds_per_rank": comm.all_gather_objects(round(seconds[0], 4)),
+        "seconds_per_rank": comm.all_gather_objects(round(seconds, 4)),
         "bytes_per_block_per_rank": comm.all_gather_objects(block_bytes),
         "raised_percdamp": {n: d["percdamp"] for n, d in merged.items() if d["percdamp"] != config.percdamp},
         "layers": {layer.name: merged[layer.name] for layer in layers},
     }
-    groups = GroupsResult(results, seconds={"solve": seconds[0]})
+    groups = GroupsResult(results, seconds={"solve": seconds})
     return PruneResult(config, groups, mode, "off", elapsed, solve, everywhere=True)
