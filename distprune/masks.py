@@ -53,10 +53,8 @@ def _apply(layer: PrunableLayer, mask: torch.Tensor) -> LayerResult:
 
 def write_solved(layer: PrunableLayer, weight: torch.Tensor, mask: torch.Tensor) -> LayerResult:
     """Replace a layer's weight by a solve's (out, in) result, with the masked entries +0.0."""
-    w = layer.weight
-    w.copy_(weight.to(device=w.device, dtype=w.dtype))
-    w.masked_fill_(mask.to(w.device), 0.0)  # the dtype cast keeps them zero; +0.0 either way
-    return LayerResult(layer.name, layer.numel, int(torch.count_nonzero(mask)), int(torch.count_nonzero(w == 0)))
+    layer.weight.copy_(weight.to(device=layer.weight.device, dtype=layer.weight.dtype))
+    return _apply(layer, mask.to(layer.weight.device))
 
 
 def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsity: float,

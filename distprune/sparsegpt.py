@@ -23,7 +23,7 @@ MAX_DAMP_STEPS = 12  # dampening x10 per failed factorization: 1e-2 -> 1e10 of m
 
 @dataclass
 class Solved:
-    weight: torch.Tensor  # (out, in) float32, pruned entries exactly +0.0
+    weight: torch.Tensor  # (out, in) float32, pruned entries +0.0 (masked_fill of each column)
     mask: torch.Tensor  # (out, in) bool, True where pruned
     percdamp: float  # the dampening that factorized (prune.percdamp unless raised)
     error: float  # sum of the OBS losses, (w - q)^2 / [H^-1]_jj^2 / 2: the reconstruction error
@@ -111,8 +111,7 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, scope: s
             err1[:, i] = e
         w[:, i1:i2] = q1
         mask[:, i1:i2] = mask1
-        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
-    w.masked_fill_(mask, 0.0)  # +0.0, never -0.0
+        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])  # later columns only: w[:, i1:i2] stays q1
     return Solved(w, mask, used, float(losses.sum()))
 
 

@@ -205,14 +205,6 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
         inputs = outputs
 
 
-def channel_sums(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor, device,
-                 batch_size: int = 8, show: bool = True, comm: Comm = SINGLE) -> dict[str, LayerStats]:
-    """Oneshot per-channel sums of every layer of ``layers`` (the dense model's)."""
-    acc = ChannelSums(layers, comm)
-    collect(model, layers, windows, device, acc, batch_size=batch_size, show=show)
-    return acc.stats
-
-
 def cache_key(fields: dict) -> str:
     blob = json.dumps({"version": CACHE_VERSION, **fields}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -53,7 +53,9 @@ def test_blockwise_stats_equal_full_forward(arch):
     model = tiny_model(arch)
     layers = prunable_layers(model)
     ids = windows()
-    got = stats.channel_sums(model, layers, ids, "cpu", batch_size=4, show=False)
+    acc = stats.ChannelSums(layers)
+    stats.collect(model, layers, ids, "cpu", acc, batch_size=4, show=False)
+    got = acc.stats
     ref = direct_stats(model, layers, ids)
     for layer in layers:
         sumsq, total, count = ref[layer.name]
