@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distprune import stats
+from distprune import allocate, stats
 from distprune.config import ConfigError, PruneConfig
 from distprune.dist import SINGLE, Comm, batch_share
 from distprune.masks import GroupsResult, LayerResult, prune_groups, write_solved
@@ -75,14 +75,17 @@ def check_groups(layers: list[PrunableLayer], cfg: PruneConfig) -> None:
 
 @torch.no_grad()
 def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics: dict | None = None,
-          comm: Comm = SINGLE, layers: list[PrunableLayer] | None = None, show_progress: bool = True) -> PruneResult:
+          comm: Comm = SINGLE, layers: list[PrunableLayer] | None = None, show_progress: bool = True,
+          targets: dict[str, int] | None = None) -> PruneResult:
     """Prune the decoder-block linear weights of ``model`` in place.
 
     ``statistics`` maps layer names to what the method accumulates over calibration data
     (wanda, ria: ``stats.LayerStats``; sparsegpt: the (in, in) Hessian 2/n sum x x^T), as
     ``calibrate_and_prune`` collects them. ``layers`` restricts pruning to a subset
     (default: every prunable layer that the config's include/exclude patterns admit). A
-    solve method prunes each layer on its own, with no collectives.
+    solve method prunes each layer on its own, with no collectives. ``targets`` (layer name
+    -> weights to prune, allocate.py) default to the config's allocation over ``layers``
+    on every rank.
     """
     cfg = config if isinstance(config, PruneConfig) else PruneConfig(**(config or {}))
     cfg.check()
@@ -94,12 +97,14 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
             raise ConfigError(f"prune.method={cfg.method} needs calibration statistics; none for {missing[0]}")
 
     check_groups(layers, cfg)
+    if targets is None and cfg.scope != "global":
+        targets = allocate.uniform(allocate.entries(layers, comm), cfg.sparsity, cfg.scope)
     if method.solve is not None:  # each layer on its own (no collectives): the caller owns the layers
         groups, details = GroupsResult([], seconds={"solve": 0.0}), {}
         for layer in progress(layers, f"{cfg.method} {cfg.scope}", "layer", show_progress):
             t0 = time.perf_counter()
-            solved = method.solve(layer.weight, statistics[layer.name], cfg)
-            groups.layers.append(write_solved(layer, solved.weight, solved.mask))
+            solved = method.solve(layer.weight, statistics[layer.name], cfg, targets[layer.name])
+            groups.layers.append(write_solved(layer, solved.weight, solved.mask, targets[layer.name]))
             groups.seconds["solve"] += time.perf_counter() - t0
             details[layer.name] = {"percdamp": solved.percdamp, "error": solved.error}
         return PruneResult(cfg, groups, solve={"layers": details})
@@ -110,7 +115,7 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
         return method.score(layer.weight, st, cfg).contiguous()
 
     groups = prune_groups(layers, score, cfg.scope, cfg.sparsity, cfg.selector, comm, show_progress, m=cfg.m,
-                          search_tol=cfg.search_tol, search_max_iter=cfg.search_max_iter)
+                          targets=targets, search_tol=cfg.search_tol, search_max_iter=cfg.search_max_iter)
     return PruneResult(cfg, groups)
 
 
@@ -144,19 +149,22 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     check_groups(layers, config)
     own = own if own is not None else layers
     mode = config.resolved_mode
+    targets = None if config.scope == "global" else allocate.uniform(allocate.entries(own, comm), config.sparsity,
+                                                                     config.scope)
 
     def mine() -> torch.Tensor:  # this rank's share, in whole batches
         w = windows()
         return w[batch_share(w.shape[0], batch_size, comm)]
 
     if method.solve is not None:
-        return _calibrate_and_solve(model, config, mine, device, layers, batch_size, comm, show_progress, own)
+        return _calibrate_and_solve(model, config, mine, device, layers, batch_size, comm, show_progress, own,
+                                    targets)
     t0 = time.perf_counter()
     if mode == "sequential":
         groups = GroupsResult([])
 
         def prune_block(_i: int, block_layers: list[PrunableLayer], st: dict) -> None:
-            part = prune(model, config, st, layers=block_layers, show_progress=False)
+            part = prune(model, config, st, layers=block_layers, show_progress=False, targets=targets)
             groups.extend(part.groups)
 
         stats.collect(model, layers, mine(), device, method.statistic(layers, comm), "sequential", prune_block,
@@ -180,13 +188,13 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     hit = "off" if not cacheable else ("hit" if found is cached else "miss")
     elapsed = time.perf_counter() - t0
     weights_to(own, device)
-    result = prune(model, config, found, comm=comm, layers=own, show_progress=show_progress)
+    result = prune(model, config, found, comm=comm, layers=own, show_progress=show_progress, targets=targets)
     return PruneResult(config, result.groups, mode, hit, elapsed)
 
 
 def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callable[[], torch.Tensor], device,
                          layers: list[PrunableLayer], batch_size: int, comm: Comm, show: bool,
-                         own: list[PrunableLayer]) -> PruneResult:
+                         own: list[PrunableLayer], targets: dict[str, int]) -> PruneResult:
     """A solve method, block by block: each block's statistics are reduced onto the rank
     that owns each layer (balanced by solve cost), the owner solves it, and the new
     weights are broadcast to every rank (sequential mode runs the next block on them;
@@ -204,7 +212,7 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
         nonlocal seconds, mark
         t0 = time.perf_counter()
         mine = [layer for layer in block_layers if acc.owner[layer.name] == comm.rank]
-        part = prune(model, config, hessians, layers=mine, show_progress=False)
+        part = prune(model, config, hessians, layers=mine, show_progress=False, targets=targets)
         solved.extend((index[r.name], r) for r in part.groups.layers)
         details.update({name: {**d, "rank": comm.rank} for name, d in part.solve["layers"].items()})
         seconds += time.perf_counter() - t0

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distprune import allocate
 from distprune.dist import SINGLE, Comm
 from distprune.models import PrunableLayer
 from distprune.progress import progress
-from distprune.select import ScoreStream, Selection, TieBudget, check_finite, row_mask, select, target_count
+from distprune.select import ScoreStream, Selection, TieBudget, check_finite, row_mask, rows_mask, select, target_count
 
 ScoreFn = Callable[[PrunableLayer], torch.Tensor]  # layer -> (out, in) scores
 # comparison groups: the whole model, a layer, an output row, m consecutive weights of a row
@@ -28,6 +29,7 @@ class LayerResult:
     numel: int
     pruned: int  # weights this run set to zero
     zeros: int  # zeros in the weight afterwards (pruned or zero before)
+    target: int  # weights it was to lose (its allocation; global scope: what the threshold took)
 
 
 @dataclass
@@ -45,41 +47,48 @@ class GroupsResult:
             self.seconds[k] = self.seconds.get(k, 0.0) + v
 
 
-def _apply(layer: PrunableLayer, mask: torch.Tensor) -> LayerResult:
+def _apply(layer: PrunableLayer, mask: torch.Tensor, target: int | None = None) -> LayerResult:
     w = layer.weight
     w.masked_fill_(mask, 0.0)  # +0.0, never -0.0
-    return LayerResult(layer.name, layer.numel, int(torch.count_nonzero(mask)), int(torch.count_nonzero(w == 0)))
+    pruned = int(torch.count_nonzero(mask))
+    return LayerResult(layer.name, layer.numel, pruned, int(torch.count_nonzero(w == 0)),
+                       pruned if target is None else target)
 
 
-def write_solved(layer: PrunableLayer, weight: torch.Tensor, mask: torch.Tensor) -> LayerResult:
+def write_solved(layer: PrunableLayer, weight: torch.Tensor, mask: torch.Tensor, target: int) -> LayerResult:
     """Replace a layer's weight by a solve's (out, in) result, with the masked entries +0.0."""
     layer.weight.copy_(weight.to(device=layer.weight.device, dtype=layer.weight.dtype))
-    return _apply(layer, mask.to(layer.weight.device))
+    return _apply(layer, mask.to(layer.weight.device), target)
 
 
 def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsity: float,
-                 selector: str, comm: Comm = SINGLE, show: bool = True, m: int = 4, **search) -> GroupsResult:
-    """Prune round(sparsity * n) weights of every comparison group of the scope (nm: each
-    run of m consecutive weights of a row is a group)."""
+                 selector: str, comm: Comm = SINGLE, show: bool = True, m: int = 4,
+                 targets: dict[str, int] | None = None, **search) -> GroupsResult:
+    """Prune the comparison groups of the scope: global, round(sparsity * n) weights of the
+    whole model; layer and row, each layer its target (``targets``, allocate.py; a row
+    scope spreads it over the rows, ``rows_mask``); nm, sparsity * m of every run of m
+    consecutive weights of a row."""
     if scope == "global":
         return _prune_global(layers, score, sparsity, selector, comm, show, search)
+    targets = targets if targets is not None else allocate.uniform(allocate.entries(layers), sparsity, scope)
     res = GroupsResult([])
     for layer in progress(layers, f"{scope} prune", "layer", show):
         t0 = time.perf_counter()
         s = score(layer)
+        k = targets[layer.name]
         if scope in ("row", "nm"):
             check_finite(layer.name, s)
-            mask = row_mask(s, sparsity) if scope == "row" else row_mask(s.view(-1, m), sparsity).view_as(s)
+            mask = rows_mask(s, k) if scope == "row" else row_mask(s.view(-1, m), round(sparsity * m)).view_as(s)
             res.passes += 1
         elif scope == "layer":
             stream = ScoreStream([layer.name], lambda _i, s=s: s)  # one layer: its scores fit
-            sel = select(selector, stream, target_count(sparsity, s.numel()), s.numel(), SINGLE, **search)
+            sel = select(selector, stream, k, s.numel(), SINGLE, **search)
             mask = TieBudget(sel).mask(s)
             res.passes += sel.passes
         else:
             raise ValueError(f"unknown scope {scope!r}")
         t1 = time.perf_counter()
-        res.layers.append(_apply(layer, mask))
+        res.layers.append(_apply(layer, mask, k))
         res.seconds["score+select"] += t1 - t0
         res.seconds["mask"] += time.perf_counter() - t1
     return res

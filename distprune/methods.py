@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 # (weight (out, in), the layer's statistics or None, config) -> (out, in) non-negative scores
 ScoreFn = Callable[[torch.Tensor, Any, "PruneConfig"], torch.Tensor]
-# (weight (out, in), the layer's statistics, config) -> new weight and mask (sparsegpt.Solved)
-SolveFn = Callable[[torch.Tensor, Any, "PruneConfig"], sparsegpt.Solved]
+# (weight (out, in), the layer's statistics, config, weights to prune) -> new weight and mask (sparsegpt.Solved)
+SolveFn = Callable[[torch.Tensor, Any, "PruneConfig", int], sparsegpt.Solved]
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ METHODS: dict[str, Method] = {
     "ria": Method(ChannelSums, score=lambda w, st, cfg: scores.ria(w, st.norm(), cfg.ria_a), options=("ria_a",)),
     # a global scope needs per-layer budgets for the solve (allocation, to come): not offered yet
     "sparsegpt": Method(lambda layers, comm: Hessians(layers, comm, sparsegpt.solve_cost),
-                        solve=lambda w, h, cfg: sparsegpt.solve(w, h, cfg.sparsity, cfg.scope, cfg.m, cfg.blocksize,
-                                                                cfg.percdamp),
+                        solve=lambda w, h, cfg, k: sparsegpt.solve(w, h, k, cfg.scope, cfg.m, cfg.blocksize,
+                                                                   cfg.percdamp),
                         options=("percdamp", "blocksize"), scopes=("layer", "row", "nm")),
 }
 OPTIONS = tuple(dict.fromkeys(o for method in METHODS.values() for o in method.options))  # method-specific keys

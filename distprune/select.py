@@ -311,11 +311,9 @@ class TieBudget:
         return mask
 
 
-def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Exact per-row selection (Wanda's comparison group): round(sparsity * columns)
-    smallest scores of every row, ties broken by column index. O(n) with kthvalue."""
-    cols = scores.shape[1]
-    k = target_count(sparsity, cols)
+def row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact per-row selection (Wanda's comparison group): the k smallest scores of every
+    row, ties broken by column index. O(n) with kthvalue."""
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     t = torch.kthvalue(scores, k, dim=1, keepdim=True).values  # (rows, 1)
@@ -325,3 +323,16 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     mask |= eq & (torch.cumsum(eq, 1) <= need)
     return mask
 
+
+def row_counts(k: int, rows: int) -> tuple[int, int]:
+    """A layer's k pruned weights spread over its rows: (q, r), the first r rows lose q + 1
+    weights and the others q."""
+    return divmod(k, rows)
+
+
+def rows_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-row selection of k weights in all: ``row_counts`` says how many in each row."""
+    q, r = row_counts(k, scores.shape[0])
+    if r == 0:
+        return row_mask(scores, q)
+    return torch.cat([row_mask(scores[:r], q + 1), row_mask(scores[r:], q)])

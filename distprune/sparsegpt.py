@@ -8,15 +8,18 @@ the mask chosen inside each block from w^2 / [H^-1]_jj^2, the OBS update of the 
 remaining columns and a lazy batch update of the columns after it. Two differences, both
 for exactness: the number of weights pruned is exact (a stable sort picks exactly k, ties
 by index, where the reference's ``<=`` threshold may take more), and the count per column
-block comes from rounding the running total, so a layer or row loses exactly
-round(sparsity * n) weights.
+block comes from rounding the running total, so a layer (or row) loses exactly the
+number of weights it is given (its allocation, allocate.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
+
+from distprune.select import row_counts
 
 MAX_DAMP_STEPS = 12  # dampening x10 per failed factorization: 1e-2 -> 1e10 of mean(diag H)
 
@@ -48,11 +51,12 @@ def inverse_factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, floa
     raise ArithmeticError(f"the Hessian does not factorize even with dampening {pd:g}")
 
 
-def _counts(total: int, sparsity: float, width: int, blocksize: int) -> list[int]:
-    """Weights to prune in each block of ``width`` of ``total`` columns: the differences of
-    round(sparsity * cumulative columns), so they add up to round(sparsity * total)."""
-    ends = list(range(blocksize, total, blocksize)) + [total]
-    cum = [round(sparsity * e * width) for e in ends]
+def _counts(k: int, cols: int, blocksize: int) -> list[int]:
+    """Weights to prune in each block of columns when k are pruned over ``cols`` columns:
+    the differences of round(k * cumulative columns / cols), exact rationals, so they add
+    up to k."""
+    ends = list(range(blocksize, cols, blocksize)) + [cols]
+    cum = [round(Fraction(k * e, cols)) for e in ends]
     return [b - a for a, b in zip([0, *cum], cum, strict=False)]
 
 
@@ -66,12 +70,13 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, scope: str = "layer", m: int = 4,
+def solve(weight: torch.Tensor, hessian: torch.Tensor, k: int, scope: str = "layer", m: int = 4,
           blocksize: int = 128, percdamp: float = 0.01) -> Solved:
-    """Prune ``weight`` (out, in) with the Hessian ``hessian`` (in, in) of its inputs,
-    H = 2/n * sum x x^T. scope: ``layer`` (round(sparsity * out * in) weights),
-    ``row`` (round(sparsity * in) per row) or ``nm`` (sparsity * m of every m consecutive
-    weights of a row, chosen on the already-updated weights). Returns float32 weights."""
+    """Prune k weights of ``weight`` (out, in) with the Hessian ``hessian`` (in, in) of its
+    inputs, H = 2/n * sum x x^T. scope: ``layer`` (any k of the layer), ``row`` (k spread
+    over the rows as ``select.row_counts`` says: the first r rows q + 1, the rest q) or
+    ``nm`` (k * m / (out * in) of every m consecutive weights of a row, chosen on the
+    already-updated weights). Returns float32 weights."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
     h = hessian.detach().float().clone()
@@ -79,11 +84,12 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, scope: s
     h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
     hinv, used = inverse_factor(h, percdamp)
-    n = round(sparsity * m) if scope == "nm" else 0
+    n = k * m // (rows * cols) if scope == "nm" else 0
     if scope == "layer":
-        counts = _counts(cols, sparsity, rows, blocksize)
-    elif scope == "row":
-        counts = _counts(cols, sparsity, 1, blocksize)
+        counts = _counts(k, cols, blocksize)
+    elif scope == "row":  # rows [0, r) lose q + 1, the others q
+        q, r = row_counts(k, rows)
+        more, fewer = _counts(q + 1, cols, blocksize), _counts(q, cols, blocksize)
     mask = torch.zeros_like(w, dtype=torch.bool)
     losses = torch.zeros(rows, dtype=torch.float64)
     for b, i1 in enumerate(range(0, cols, blocksize)):
@@ -96,7 +102,8 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, scope: s
         if scope == "layer":
             mask1 = _lowest((w1**2 / d[None, :] ** 2).reshape(1, -1), counts[b]).view_as(w1)
         elif scope == "row":
-            mask1 = _lowest(w1**2 / d[None, :] ** 2, counts[b])
+            saliency = w1**2 / d[None, :] ** 2
+            mask1 = torch.cat([_lowest(saliency[:r], more[b]), _lowest(saliency[r:], fewer[b])])
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):

@@ -11,6 +11,7 @@ from distprune.select import (
     ScoreStream,
     TieBudget,
     row_mask,
+    rows_mask,
     select,
     select_search,
     target_count,
@@ -151,4 +152,18 @@ def test_row_mask_matches_stable_sort(kind, rows, cols, sparsity, seed):
     expect = torch.zeros(rows, cols, dtype=torch.bool)
     order = torch.from_numpy(np.argsort(s.numpy(), axis=1, kind="stable"))
     expect.scatter_(1, order[:, :k], True)
-    assert torch.equal(row_mask(s, sparsity), expect)
+    assert torch.equal(row_mask(s, k), expect)
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(1, 8), cols=st.integers(1, 30), seed=st.integers(0, 2**16), data=st.data())
+def test_rows_mask_spreads_a_layer_total_over_rows(rows, cols, seed, data):
+    (s,) = make_scores("ties", [(rows, cols)], torch.float32, seed)
+    k = data.draw(st.integers(0, rows * cols))
+    mask = rows_mask(s, k)
+    per_row = mask.sum(1)
+    assert int(per_row.sum()) == k  # exact in all
+    q, r = divmod(k, rows)
+    assert per_row.tolist() == [q + 1] * r + [q] * (rows - r)  # the first r rows take one more
+    assert r == 0 or torch.equal(mask[:r], row_mask(s[:r], q + 1))
+    assert torch.equal(mask[r:], row_mask(s[r:], q))

@@ -74,7 +74,7 @@ def problem(rows=24, cols=96, tokens=400, seed=0):
 @pytest.mark.parametrize("scope, kw", [("layer", {}), ("nm", {"prunen": 2, "prunem": 4})])
 def test_solve_is_the_reference_algorithm(scope, kw):
     w, _, h = problem()
-    got = sparsegpt.solve(w, h, 0.5, scope, m=4, blocksize=32)
+    got = sparsegpt.solve(w, h, w.numel() // 2, scope, m=4, blocksize=32)
     ref = reference(w, h, 0.5, blocksize=32, **kw)
     assert torch.equal(got.mask, ref == 0)
     torch.testing.assert_close(got.weight, ref, rtol=1e-4, atol=1e-5)
@@ -89,12 +89,15 @@ def test_solve_prunes_exact_counts_and_reconstructs_better_than_masking(scope, s
     if scope == "nm" and sparsity == 0.3:
         sparsity = 0.25
     w, x, h = problem(rows=20, cols=90 if scope != "nm" else 96, seed=1)
-    got = sparsegpt.solve(w, h, sparsity, scope, m=4, blocksize=32)
     rows, cols = w.shape
+    k = rows * target_count(sparsity, cols) if scope == "row" else target_count(sparsity, w.numel())
+    got = sparsegpt.solve(w, h, k, scope, m=4, blocksize=32)
     if scope == "layer":
         assert int(got.mask.sum()) == target_count(sparsity, w.numel())
     elif scope == "row":
         assert (got.mask.sum(1) == target_count(sparsity, cols)).all()
+        uneven = sparsegpt.solve(w, h, k + 7, scope, m=4, blocksize=32)  # a total that rows do not divide
+        assert uneven.mask.sum(1).tolist() == [k // rows + 1] * 7 + [k // rows] * (rows - 7)
     else:
         assert (got.mask.view(-1, 4).sum(1) == round(sparsity * 4)).all()
     assert torch.equal(got.weight == 0, got.mask) and torch.isfinite(got.weight).all()
@@ -116,11 +119,11 @@ def test_dead_inputs_are_zeroed_and_a_singular_hessian_is_dampened_not_a_crash()
     w, x, _ = problem(rows=8, cols=32, tokens=10)  # 10 tokens: H has rank 10 of 32
     x[:, 5] = 0  # an input that never fires
     h = 2 / 10 * x.t() @ x
-    got = sparsegpt.solve(w, h, 0.5, "layer", blocksize=16, percdamp=0.0)
+    got = sparsegpt.solve(w, h, 128, "layer", blocksize=16, percdamp=0.0)
     assert (got.weight[:, 5] == 0).all() and got.mask[:, 5].all()
     assert got.percdamp > 0  # percdamp=0 cannot factorize a rank-10 H: raised step by step
     assert torch.isfinite(got.weight).all() and int(got.mask.sum()) == 128
-    zero = sparsegpt.solve(w, torch.zeros(32, 32), 0.5, "row", blocksize=16)  # no tokens at all: H = I
+    zero = sparsegpt.solve(w, torch.zeros(32, 32), 128, "row", blocksize=16)  # no tokens at all: H = I
     assert zero.weight.eq(0).all() and (zero.mask.sum(1) == 16).all()
 
 
