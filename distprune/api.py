@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distprune import allocate, stats
+from distprune import allocate, methods, stats
 from distprune.config import ConfigError, PruneConfig
 from distprune.dist import SINGLE, Comm, batch_share
 from distprune.masks import GroupsResult, LayerResult, prune_groups, write_solved
@@ -28,6 +28,7 @@ class PruneResult:
     stats_seconds: float = 0.0  # calibration forward passes (and cache I/O)
     solve: dict | None = None  # a solve method's per-layer details, seconds and bytes per rank
     everywhere: bool = False  # every rank holds every pruned weight (no broadcast needed to evaluate)
+    allocation: allocate.Allocation | None = None  # the layers' targets (None: global scope)
 
     @property
     def numel(self) -> int:
@@ -58,6 +59,10 @@ class PruneResult:
             "selector_passes": self.groups.passes,
             "mode": self.mode,
             "stats_cache": self.stats_cache,
+            "allocation": self.config.allocation,
+            "normalize": self.config.normalize,
+            **({"owl_m": self.config.owl_m, "owl_lambda": self.config.owl_lambda,
+                "block_sparsity": self.allocation.block_sparsity} if self.config.allocation == "owl" else {}),
             "layers": [asdict(r) for r in self.groups.layers],
             **({"solve": self.solve} if self.solve is not None else {}),
         }
@@ -97,8 +102,13 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
             raise ConfigError(f"prune.method={cfg.method} needs calibration statistics; none for {missing[0]}")
 
     check_groups(layers, cfg)
+    alloc = None
     if targets is None and cfg.scope != "global":
-        targets = allocate.uniform(allocate.entries(layers, comm), cfg.sparsity, cfg.scope)
+        if method.solve is not None and cfg.allocation != "uniform":
+            raise ConfigError(f"prune.allocation={cfg.allocation} with prune.method={cfg.method} needs targets "
+                              "(allocate.allocate over Wanda's scores); calibrate_and_prune computes them")
+        alloc = allocate.allocate(cfg, layers, lambda layer: _scores(method, layer, statistics, cfg), comm)
+        targets = alloc.targets
     if method.solve is not None:  # each layer on its own (no collectives): the caller owns the layers
         groups, details = GroupsResult([], seconds={"solve": 0.0}), {}
         for layer in progress(layers, f"{cfg.method} {cfg.scope}", "layer", show_progress):
@@ -107,16 +117,14 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
             groups.layers.append(write_solved(layer, solved.weight, solved.mask, targets[layer.name]))
             groups.seconds["solve"] += time.perf_counter() - t0
             details[layer.name] = {"percdamp": solved.percdamp, "error": solved.error}
-        return PruneResult(cfg, groups, solve={"layers": details})
+        return PruneResult(cfg, groups, solve={"layers": details}, allocation=alloc)
 
-    def score(layer: PrunableLayer) -> torch.Tensor:
-        # contiguous: stream order (ties) is the flat index of the (out, in) scores
-        st = statistics[layer.name] if method.calibrated else None
-        return method.score(layer.weight, st, cfg).contiguous()
+    def score(layer: PrunableLayer) -> torch.Tensor:  # global scope: normalized (allocate.normalized)
+        return allocate.normalized(_scores(method, layer, statistics, cfg), cfg.normalize)
 
     groups = prune_groups(layers, score, cfg.scope, cfg.sparsity, cfg.selector, comm, show_progress, m=cfg.m,
                           targets=targets, search_tol=cfg.search_tol, search_max_iter=cfg.search_max_iter)
-    return PruneResult(cfg, groups)
+    return PruneResult(cfg, groups, allocation=alloc)
 
 
 def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable[[], torch.Tensor], device,
@@ -131,7 +139,8 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     oneshot: statistics of the dense model (read from / written to ``cache_file`` when
     given and the method's statistics are cacheable), then one pruning pass. sequential:
     block i is pruned as soon as its statistics are complete, before its outputs feed
-    block i+1.
+    block i+1. A non-uniform allocation (owl, global) first scores the dense model with
+    its allocating method's statistics (oneshot, cached like them), then prunes.
 
     With several ranks, each calibrates on its share of the windows, in whole batches
     (statistics are gathered per batch and added in batch order), and prunes ``own`` (its
@@ -149,47 +158,85 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     check_groups(layers, config)
     own = own if own is not None else layers
     mode = config.resolved_mode
-    targets = None if config.scope == "global" else allocate.uniform(allocate.entries(own, comm), config.sparsity,
-                                                                     config.scope)
+    calibration: list[torch.Tensor] = []
 
-    def mine() -> torch.Tensor:  # this rank's share, in whole batches
-        w = windows()
-        return w[batch_share(w.shape[0], batch_size, comm)]
+    def mine() -> torch.Tensor:  # this rank's share, in whole batches (made once: allocation may need it too)
+        if not calibration:
+            w = windows()
+            calibration.append(w[batch_share(w.shape[0], batch_size, comm)])
+        return calibration[0]
 
+    dense: dict = {}  # statistic -> (statistics of the dense model, cache hit/miss/off)
+
+    def dense_stats(statistic) -> tuple[dict, str, float]:
+        if statistic not in dense:
+            dense[statistic] = _dense_statistics(model, statistic, layers, mine, device, batch_size, cache_file,
+                                                 cache_fields, comm, show_progress)
+        return dense[statistic]
+
+    alloc = None
+    if config.scope != "global":
+        by = methods.allocating(config.method)
+        st = dense_stats(by.statistic)[0] if config.allocation != "uniform" and by.calibrated else None
+        t1 = time.perf_counter()
+        alloc = allocate.allocate(config, own, lambda layer: _scores(by, layer, st, config), comm)
+        allocate_seconds = time.perf_counter() - t1
     if method.solve is not None:
-        return _calibrate_and_solve(model, config, mine, device, layers, batch_size, comm, show_progress, own,
-                                    targets)
-    t0 = time.perf_counter()
-    if mode == "sequential":
+        result = _calibrate_and_solve(model, config, mine, device, layers, batch_size, comm, show_progress, own,
+                                      alloc.targets)
+    elif mode == "sequential":
         groups = GroupsResult([])
 
         def prune_block(_i: int, block_layers: list[PrunableLayer], st: dict) -> None:
-            part = prune(model, config, st, layers=block_layers, show_progress=False, targets=targets)
+            part = prune(model, config, st, layers=block_layers, show_progress=False, targets=alloc.targets)
             groups.extend(part.groups)
 
+        t1 = time.perf_counter()
         stats.collect(model, layers, mine(), device, method.statistic(layers, comm), "sequential", prune_block,
                       batch_size, show_progress)
-        elapsed = time.perf_counter() - t0 - sum(groups.seconds.values())
+        elapsed = time.perf_counter() - t1 - sum(groups.seconds.values())
         names = {layer.name for layer in own}
         groups.layers = [r for r in groups.layers if r.name in names]
-        return PruneResult(config, groups, mode, "off", elapsed, everywhere=True)
+        result = PruneResult(config, groups, mode, "off", elapsed, everywhere=True)
+    else:
+        found, hit, _ = dense_stats(method.statistic)
+        weights_to(own, device)
+        part = prune(model, config, found, comm=comm, layers=own, show_progress=show_progress,
+                     targets=alloc.targets if alloc else None)
+        result = PruneResult(config, part.groups, mode, hit, 0.0, allocation=part.allocation)
+    if dense:  # the dense statistics' time (and cache use) counts as statistics
+        result.stats_seconds += sum(v[2] for v in dense.values())
+        result.stats_cache = next(iter(dense.values()))[1] if result.stats_cache in (None, "off") else \
+            result.stats_cache
+    if alloc is not None:
+        result.allocation = alloc
+        result.groups.seconds["allocate"] = allocate_seconds
+    return result
 
-    cacheable = cache_file is not None and method.statistic.cacheable
-    names = [layer.name for layer in layers]
-    cached = stats.load(cache_file, names) if cacheable else None
+
+def _scores(method, layer: PrunableLayer, statistics, cfg: PruneConfig) -> torch.Tensor:
+    """A layer's (out, in) scores by a score method; contiguous: stream order (ties) is the
+    flat index."""
+    return method.score(layer.weight, statistics[layer.name] if method.calibrated else None, cfg).contiguous()
+
+
+def _dense_statistics(model, statistic, layers, windows, device, batch_size, cache_file, cache_fields, comm,
+                      show) -> tuple[dict, str, float]:
+    """Statistics of the dense model for every layer (oneshot), from the cache when every
+    rank has them there: (statistics, cache hit/miss/off, seconds)."""
+    t0 = time.perf_counter()
+    cacheable = cache_file is not None and statistic.cacheable
+    cached = stats.load(cache_file, [layer.name for layer in layers]) if cacheable else None
     everywhere = comm.all_reduce_min(torch.tensor([int(cached is not None)]))  # every rank must hit
     found = cached if int(everywhere) else None
     if found is None:
-        acc = method.statistic(layers, comm)
-        stats.collect(model, layers, mine(), device, acc, batch_size=batch_size, show=show_progress)
+        acc = statistic(layers, comm)
+        stats.collect(model, layers, windows(), device, acc, batch_size=batch_size, show=show)
         found = acc.stats
         if cacheable and comm.is_main:
             stats.save(cache_file, found, cache_fields or {})
     hit = "off" if not cacheable else ("hit" if found is cached else "miss")
-    elapsed = time.perf_counter() - t0
-    weights_to(own, device)
-    result = prune(model, config, found, comm=comm, layers=own, show_progress=show_progress, targets=targets)
-    return PruneResult(config, result.groups, mode, hit, elapsed)
+    return found, hit, time.perf_counter() - t0
 
 
 def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callable[[], torch.Tensor], device,

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distprune import checkpoint, data, dist, models, stats, sweep, writer
+from distprune import checkpoint, data, dist, models, stats, summarize, sweep, writer
 from distprune.api import PruneResult, calibrate_and_prune, prune
 from distprune.config import Config, ConfigError, register_configs
 from distprune.dist import SINGLE, Comm
@@ -29,6 +29,7 @@ from distprune.select import NonFiniteScoreError
 from distprune.sweep import SweepModels
 
 log = logging.getLogger("distprune")
+ALLOCATION_PNG = "allocation.png"  # a job whose layers lose different fractions: target sparsity per layer
 
 
 @contextmanager
@@ -111,7 +112,7 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
         return w
 
     cache_file, fields = None, None
-    if cfg.calib.cache and cfg.prune.resolved_mode == "oneshot":
+    if cfg.calib.cache and (cfg.prune.resolved_mode == "oneshot" or cfg.prune.allocation != "uniform"):
         fields = {"model": models.fingerprint(cfg.model), "calib": calibration_source_fields(cfg),
                   "layers": [layer.name for layer in layers]}
         cache_file = models.cache_dir() / "stats" / f"{stats.cache_key(fields)}.safetensors"
@@ -210,6 +211,11 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         log.info("mask: pruned %d of %d weights (%.4f, target %.4f) in %.2fs", result.pruned, result.numel,
                  summary["pruned_fraction"], cfg.prune.sparsity, seconds["mask"])
 
+    varied = cfg.prune.allocation != "uniform" or cfg.prune.scope == "global"  # per-layer sparsity differs
+    if varied:
+        spread = [r["target"] / r["numel"] for r in summary["layers"]]
+        log.info("allocation: %s (normalize %s), layer sparsity from %.4f to %.4f", cfg.prune.allocation
+                 if cfg.prune.scope != "global" else "global scope", cfg.prune.normalize, min(spread), max(spread))
     if cfg.eval.source:
         with phase(seconds, "eval"):
             if not result.everywhere:
@@ -243,6 +249,8 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
                                             [[layer.name for layer in part] for part in parts], comm)
         if comm.is_main:
             checkpoint.write_report(tmp, report)
+            if varied:
+                summarize.plot_allocation(report, tmp / ALLOCATION_PNG)
     log.info("save: %s in %.1fs", out if cfg.save else f"report only in {out}", seconds["save"])
     return report
 

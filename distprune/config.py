@@ -11,6 +11,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from distprune.allocate import ALLOCATIONS, NORMALIZE
 from distprune.errors import ConfigError
 from distprune.masks import SCOPES
 from distprune.methods import METHODS, OPTIONS
@@ -57,6 +58,14 @@ class PruneConfig:
     ria_a: float = 0.5  # ria: exponent of the activation norm
     percdamp: float = 0.01  # sparsegpt: dampening added to diag(H), a fraction of its mean
     blocksize: int = 128  # sparsegpt: columns whose mask is chosen together (a multiple of m for nm)
+    # how many weights each layer loses (allocate.py): uniform (prune.sparsity everywhere),
+    # owl (outlier-weighed per block) or global (one global threshold over normalized scores
+    # sets each layer's count; the scope's own rule picks the weights); layer and row scopes
+    allocation: str = "uniform"
+    owl_m: float = 5.0  # owl: a score is an outlier above owl_m times its block's mean score
+    owl_lambda: float = 0.08  # owl: block sparsities spread over prune.sparsity +- owl_lambda
+    # global scope and allocation: divide each score by the mean score of its layer or row
+    normalize: str = "none"
 
     @property
     def selector_name(self) -> str:
@@ -78,6 +87,8 @@ class PruneConfig:
         _one_of("prune.scope", self.scope, SCOPES)
         _one_of("prune.selector", self.selector, SELECTORS)
         _one_of("prune.mode", self.mode, MODES)
+        _one_of("prune.allocation", self.allocation, ALLOCATIONS)
+        _one_of("prune.normalize", self.normalize, NORMALIZE)
         if self.scope == "global" and self.mode == "sequential":
             raise ConfigError("prune.mode=sequential needs a per-layer scope; global scope needs oneshot statistics")
         if not 0.0 <= self.sparsity < 1.0:
@@ -97,9 +108,20 @@ class PruneConfig:
             raise ConfigError(f"prune.ria_a={self.ria_a} must be >= 0")
         method = METHODS[self.method]
         if self.scope not in method.scopes:
-            why = " (it needs per-layer budgets: the allocation work)" if self.scope == "global" else ""
+            why = " (for global budgets use prune.allocation=global)" if self.scope == "global" else ""
             raise ConfigError(f"prune.method={self.method} does not support prune.scope={self.scope}{why}; use "
                               f"{', '.join(method.scopes)}")
+        if self.allocation != "uniform" and self.scope not in ("layer", "row"):
+            why = ("N:M keeps the same ratio in every group of m" if self.scope == "nm" else
+                   "one global threshold allocates by itself")
+            raise ConfigError(f"prune.allocation={self.allocation} needs prune.scope=layer or row: {why}")
+        if self.allocation == "owl":
+            if self.owl_m <= 0:
+                raise ConfigError(f"prune.owl_m={self.owl_m} must be > 0")
+            most = min(self.sparsity, 1 - self.sparsity)
+            if not 0 <= self.owl_lambda <= most:
+                raise ConfigError(f"prune.owl_lambda={self.owl_lambda} is outside [0, {most:g}]: block sparsities "
+                                  f"prune.sparsity={self.sparsity} +- owl_lambda must stay within [0, 1]")
         if method.solve is not None and self.scope == "nm" and self.blocksize % self.m:
             raise ConfigError(f"prune.blocksize={self.blocksize} is not a multiple of prune.m={self.m}: N:M groups "
                               "must not straddle two blocks of columns")
@@ -115,13 +137,22 @@ class PruneConfig:
                 users = [name for name, m in METHODS.items() if key in m.options]
                 raise ConfigError(f"prune.{key}={getattr(self, key)} has no effect with prune.method={self.method}: "
                                   f"it tunes prune.method={'/'.join(users)}")
-        if method.solve is not None and self.selector != defaults["selector"].default:
+        picks = self.allocation == "global"  # the global budgets' threshold is selected with prune.selector
+        if method.solve is not None and not picks and self.selector != defaults["selector"].default:
             raise ConfigError(f"prune.selector={self.selector} has no effect with prune.method={self.method}: "
                               "its solve chooses the mask itself")
-        if self.scope in ("row", "nm") and self.selector != defaults["selector"].default:
+        if self.scope in ("row", "nm") and not picks and self.selector != defaults["selector"].default:
             raise ConfigError(f"prune.selector={self.selector} has no effect with prune.scope={self.scope}: row and "
                               f"N:M groups are always selected exactly per group (selector {self.selector_name}); "
                               "selectors apply to the global and layer scopes")
+        for key in ("owl_m", "owl_lambda"):
+            if self.allocation != "owl" and getattr(self, key) != defaults[key].default:
+                raise ConfigError(f"prune.{key}={getattr(self, key)} has no effect with prune.allocation="
+                                  f"{self.allocation}: it tunes prune.allocation=owl")
+        if self.normalize != "none" and self.scope != "global" and self.allocation != "global":
+            raise ConfigError(f"prune.normalize={self.normalize} has no effect with prune.scope={self.scope} and "
+                              f"prune.allocation={self.allocation}: it scales scores for one global threshold "
+                              "(prune.scope=global or prune.allocation=global)")
         if self.scope != "nm" and self.m != defaults["m"].default:
             raise ConfigError(f"prune.m={self.m} has no effect with prune.scope={self.scope}: it is N:M's group size "
                               "(prune.scope=nm)")

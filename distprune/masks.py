@@ -30,6 +30,7 @@ class LayerResult:
     pruned: int  # weights this run set to zero
     zeros: int  # zeros in the weight afterwards (pruned or zero before)
     target: int  # weights it was to lose (its allocation; global scope: what the threshold took)
+    block: int  # its decoder block
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _apply(layer: PrunableLayer, mask: torch.Tensor, target: int | None = None) 
     w.masked_fill_(mask, 0.0)  # +0.0, never -0.0
     pruned = int(torch.count_nonzero(mask))
     return LayerResult(layer.name, layer.numel, pruned, int(torch.count_nonzero(w == 0)),
-                       pruned if target is None else target)
+                       pruned if target is None else target, layer.block)
 
 
 def write_solved(layer: PrunableLayer, weight: torch.Tensor, mask: torch.Tensor, target: int) -> LayerResult:
@@ -70,7 +71,7 @@ def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsi
     consecutive weights of a row."""
     if scope == "global":
         return _prune_global(layers, score, sparsity, selector, comm, show, search)
-    targets = targets if targets is not None else allocate.uniform(allocate.entries(layers), sparsity, scope)
+    targets = targets if targets is not None else allocate.uniform(allocate.entries(layers), sparsity, scope, m).targets
     res = GroupsResult([])
     for layer in progress(layers, f"{scope} prune", "layer", show):
         t0 = time.perf_counter()

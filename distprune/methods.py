@@ -36,6 +36,7 @@ class Method:
     solve: SolveFn | None = None
     options: tuple[str, ...] = ()
     scopes: tuple[str, ...] = SCOPES
+    allocation: str | None = None  # a method without scores: the method whose scores allocate its sparsity
 
     @property
     def calibrated(self) -> bool:
@@ -46,10 +47,19 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(None, score=lambda w, _st, _cfg: scores.magnitude(w)),
     "wanda": Method(ChannelSums, score=lambda w, st, _cfg: scores.wanda(w, st.norm())),
     "ria": Method(ChannelSums, score=lambda w, st, cfg: scores.ria(w, st.norm(), cfg.ria_a), options=("ria_a",)),
-    # a global scope needs per-layer budgets for the solve (allocation, to come): not offered yet
+    # one mask for the whole model would need a solve of every layer at once; global budgets
+    # (prune.allocation=global) give each layer its count instead. Its sparsity is allocated by
+    # Wanda's scores of the dense model (its Hessian's diagonal holds the same channel norms).
     "sparsegpt": Method(lambda layers, comm: Hessians(layers, comm, sparsegpt.solve_cost),
                         solve=lambda w, h, cfg, k: sparsegpt.solve(w, h, k, cfg.scope, cfg.m, cfg.blocksize,
                                                                    cfg.percdamp),
-                        options=("percdamp", "blocksize"), scopes=("layer", "row", "nm")),
+                        options=("percdamp", "blocksize"), scopes=("layer", "row", "nm"), allocation="wanda"),
 }
 OPTIONS = tuple(dict.fromkeys(o for method in METHODS.values() for o in method.options))  # method-specific keys
+
+
+def allocating(name: str) -> Method:
+    """The method whose statistics and scores decide a non-uniform allocation for ``name``:
+    itself, or for a solve method the one it names."""
+    method = METHODS[name]
+    return METHODS[method.allocation] if method.allocation else method

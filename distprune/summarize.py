@@ -12,9 +12,10 @@ from pathlib import Path
 
 from distprune.checkpoint import REPORT
 
-LINE_KEYS = ("model", "method", "scope", "mode", "selector")
-PHASES = ("load", "eval_dense", "statistics", "score+select", "mask", "solve", "eval", "save")
-COLUMNS = ("job", "model", "method", "scope", "selector", "mode", "target_sparsity", "achieved_sparsity", "perplexity",
+LINE_KEYS = ("model", "method", "scope", "mode", "selector", "allocation", "normalize", "owl_m", "owl_lambda")
+PHASES = ("load", "eval_dense", "statistics", "allocate", "score+select", "mask", "solve", "eval", "save")
+COLUMNS = ("job", "model", "method", "scope", "selector", "mode", "allocation", "normalize", "owl_m", "owl_lambda",
+           "target_sparsity", "achieved_sparsity", "perplexity",
            "dense_perplexity", *(f"{p}_s" for p in PHASES), "peak_rss_gib", "peak_gpu_gib", "world_size")
 
 
@@ -27,14 +28,18 @@ def rows(sweep_dir: Path) -> list[dict]:
             "job": path.parent.name, "model": _model_name(r), "method": r["method"],
             "scope": f"n:{r['m']}" if r["scope"] == "nm" else r["scope"],  # N:M with M=4 reads n:4
             "selector": r["selector"],
-            "mode": r.get("mode") or "-", "target_sparsity": r["target_sparsity"],
+            "mode": r.get("mode") or "-",
+            "allocation": r.get("allocation", "uniform"), "normalize": r.get("normalize", "none"),
+            "owl_m": r.get("owl_m"), "owl_lambda": r.get("owl_lambda"),
+            "target_sparsity": r["target_sparsity"],
             "achieved_sparsity": round(r["achieved_sparsity"], 6), "perplexity": ppl.get("pruned"),
             "dense_perplexity": ppl.get("dense"),
             **{f"{p}_s": r["seconds"].get(p) for p in PHASES},
             "peak_rss_gib": r.get("peak_rss_gib"), "peak_gpu_gib": r.get("peak_gpu_gib"),
             "world_size": r["world_size"],
         })
-    return sorted(out, key=lambda x: (x["model"], x["method"], x["scope"], x["mode"], x["target_sparsity"]))
+    return sorted(out, key=lambda x: (x["model"], x["method"], x["scope"], x["mode"], x["allocation"], x["normalize"],
+                                      x["owl_m"] or 0, x["owl_lambda"] or 0, x["target_sparsity"]))
 
 
 def _model_name(report: dict) -> str:
@@ -77,13 +82,19 @@ def plot(table: list[dict], path: Path) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
-    title, groups = series(table)
+    x = x_axis(table)
+    title, groups = series(table, x)
     models = sorted({r["model"] for r in table})
     dash = dict(zip(models, ("-", "--", ":", "-."), strict=False))  # a line style per model, a colour per method
     colours = {m: f"C{i}" for i, m in enumerate(sorted({method for _, method, _ in groups}))}
+    level = iter(("-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))) * 8)
     for (label, method, model), points in sorted(groups.items()):
-        xs, ys = zip(*sorted(points), strict=True)
-        ax.plot(xs, ys, marker="o", label=label, color=colours[method], linestyle=dash.get(model, "-"))
+        xs, ys = zip(*sorted(points, key=lambda p: (p[0] is None, p)), strict=True)
+        if xs[0] is None:  # a job without the swept x (e.g. a uniform job among owl_lambda values): a level
+            ax.axhline(ys[0], color=colours[method], linestyle=next(level), linewidth=1.2,
+                       label=f"{label} ({ys[0]:.4g})")
+        else:
+            ax.plot(xs, ys, marker="o", label=label, color=colours[method], linestyle=dash.get(model, "-"))
     dense = {r["model"]: r["dense_perplexity"] for r in table if r["dense_perplexity"] is not None}
     for model, value in sorted(dense.items()):
         name = f"dense {model}" if len(models) > 1 else "dense"
@@ -97,7 +108,8 @@ def plot(table: list[dict], path: Path) -> None:
     few = high / low < 12
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
         lambda v, _pos: _tick(v) if few or round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 5) else ""))
-    ax.set_xlabel("sparsity (fraction of decoder linear weights pruned)")
+    ax.set_xlabel("sparsity (fraction of decoder linear weights pruned)" if x == "target_sparsity" else
+                  "owl_lambda (block sparsities spread over sparsity +- owl_lambda)")
     ax.set_ylabel("perplexity (log scale)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the data
@@ -105,31 +117,83 @@ def plot(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def series(table: list[dict]) -> tuple[str, dict[tuple[str, str, str], list[tuple[float, float]]]]:
+def x_axis(table: list[dict]) -> str:
+    """Sparsity along the x axis; owl_lambda when every job has the same sparsity and the
+    jobs sweep owl_lambda."""
+    one = len({r["target_sparsity"] for r in table}) == 1
+    return "owl_lambda" if one and len({r.get("owl_lambda") for r in table} - {None}) > 1 else "target_sparsity"
+
+
+def series(table: list[dict], x: str = "target_sparsity") -> tuple[str, dict[tuple[str, str, str], list[tuple]]]:
     """The picture's title (the settings every job shares) and its lines: one per
-    combination of the settings that differ between jobs, besides sparsity, keyed by
-    (label, label without the model, model) and holding (sparsity, perplexity) points."""
-    varying = [k for k in LINE_KEYS if len({_shown(r, k) for r in table} - {None}) > 1] or ["method"]
+    combination of the settings that differ between jobs, besides the x axis' key, keyed by
+    (label, label without the model, model) and holding (x, perplexity) points; x is None
+    for a job without that key (drawn as a level)."""
+    varying = [k for k in LINE_KEYS if k != x and len({_shown(r, k) for r in table} - {None}) > 1] or ["method"]
     groups: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for r in table:
         if r["perplexity"] is not None:
             label = ", ".join(v for k in varying if (v := _shown(r, k)) is not None)
             method = ", ".join(v for k in varying if k != "model" and (v := _shown(r, k)) is not None)
-            groups.setdefault((label, method, r["model"]), []).append((r["target_sparsity"], r["perplexity"]))
-    same = [v if k == "model" else f"{k} {v}" for k in LINE_KEYS if k not in varying
-            for v in sorted({_shown(r, k) for r in table} - {None})]
+            groups.setdefault((label or method, method, r["model"]), []).append((r[x], r["perplexity"]))
+    same = [v if k in ("model", "normalize", "owl_m", "owl_lambda") else f"{k} {v}" for k in LINE_KEYS
+            if k not in varying and k != x for v in sorted({_shown(r, k) for r in table} - {None})]
     return ", ".join(same), groups
 
 
 def _shown(row: dict, key: str) -> str | None:
     """What a line's label or the title shows of a setting: nothing for a method's mode
     that does not apply ("-") or for a selector that the scope or method implies (row and
-    N:M use kthvalue; a solve, e.g. sparsegpt-layer, chooses its own mask)."""
-    v = row[key]
+    N:M use kthvalue; a solve, e.g. sparsegpt-layer, chooses its own mask), for normalize
+    where nothing global reads it, for owl's settings of another allocation."""
+    v = row.get(key)
+    if v is None:
+        return None
+    if key == "normalize":
+        return f"normalize {v}" if "global" in (row["scope"], row.get("allocation")) else None
+    if key in ("owl_m", "owl_lambda"):
+        return f"{key.removeprefix('owl_').replace('m', 'M')} {v:g}"
+    if key == "allocation" and row["scope"] in ("global", "nm"):
+        return None
     implied = row["scope"] not in ("global", "layer") or str(v).startswith(f"{row['method']}-")
     if v == "-" or (key == "selector" and implied):
         return None
     return str(v)
+
+
+def plot_allocation(report: dict, path: Path) -> None:
+    """Target sparsity of every layer of one job: decoder blocks along the x axis, one line
+    per layer type (the layer's name after its block index, e.g. mlp.down_proj)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for r in report["layers"]:
+        parts = r["name"].split(".")
+        kind = ".".join(parts[parts.index(str(r["block"])) + 1:]) if str(r["block"]) in parts else r["name"]
+        lines.setdefault(kind, []).append((r["block"], r["target"] / r["numel"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
+    for kind, points in lines.items():
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker=".", label=kind)
+    ax.axhline(report["target_sparsity"], color="gray", linestyle="--", linewidth=1,
+               label=f"model {report['target_sparsity']:g}")
+    how = "global scope" if report["scope"] == "global" else f"allocation {report['allocation']}"
+    if report["allocation"] == "owl":
+        how += f" (M {report['owl_m']:g}, lambda {report['owl_lambda']:g})"
+    if report["normalize"] != "none":
+        how += f", normalize {report['normalize']}"
+    ax.set_title(f"{_model_name(report)}, {report['method']} {report['scope']}, {how}", fontsize=10)
+    ax.set_xlabel("decoder block")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("target sparsity of the layer")
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _tick(v: float, _pos=None) -> str:

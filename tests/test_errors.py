@@ -52,6 +52,18 @@ def cli(*args, cwd):
                             "(max_position_embeddings)"),  # found after loading
     (["prune.scope=global", "prune.mode=sequential"], "global scope needs oneshot statistics"),
     (["calib.nsamples=0"], "calib.nsamples=0"),
+    (["prune.allocation=owl", "prune.owl_lambda=-0.1"], "prune.owl_lambda=-0.1 is outside [0, 0.5]"),
+    (["prune.allocation=owl", "prune.sparsity=0.05"], "prune.owl_lambda=0.08 is outside [0, 0.05]"),
+    (["prune.allocation=owl", "prune.sparsity=0.95"], "prune.owl_lambda=0.08 is outside [0, 0.05]"),
+    (["prune.allocation=owl", "prune.owl_m=0"], "prune.owl_m=0.0 must be > 0"),
+    (["prune.normalize=mean"], "prune.normalize='mean' is not one of: none, layer, row"),
+    (["prune.allocation=best"], "prune.allocation='best' is not one of: uniform, owl, global"),
+    (["prune=wanda-2of4", "prune.allocation=owl"], "prune.allocation=owl needs prune.scope=layer or row: N:M"),
+    (["prune.scope=global", "prune.allocation=global"], "prune.allocation=global needs prune.scope=layer or row"),
+    (["prune.normalize=layer"], "prune.normalize=layer has no effect with prune.scope=row and "
+                                "prune.allocation=uniform"),
+    (["prune.owl_m=3"], "prune.owl_m=3.0 has no effect with prune.allocation=uniform"),
+    (["prune=sparsegpt", "prune.scope=global"], "use prune.allocation=global"),
     (["prune.scope=nm", "prune.sparsity=0.3"], "prune.sparsity=0.3 of prune.m=4 weights is not a whole number"),
     (["prune.scope=nm", "prune.m=3", "prune.sparsity=0.6666666666666666", "prune.method=magnitude"],
      "prune.m=3 does not divide the 64 inputs of model.layers.0.self_attn.q_proj"),  # found after loading

@@ -11,13 +11,13 @@ from distprune.cli import main
 original = masks._apply
 
 
-def failing_apply(layer, mask):
+def failing_apply(layer, mask, *args):
     if int(os.environ.get("RANK", "0")) == 1:
         if os.environ["DISTPRUNE_TEST_FAIL"] == "raise":
             raise RuntimeError("injected failure while masking")
         Path(os.environ["DISTPRUNE_TEST_PIDFILE"]).write_text(str(os.getpid()))
         time.sleep(600)
-    return original(layer, mask)
+    return original(layer, mask, *args)
 
 
 masks._apply = failing_apply
