@@ -166,7 +166,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
             calibration.append(w[batch_share(w.shape[0], batch_size, comm)])
         return calibration[0]
 
-    dense: dict = {}  # statistic -> (statistics of the dense model, cache hit/miss/off)
+    dense: dict = {}  # statistic -> (statistics of the dense model, cache hit/miss/off, seconds)
 
     def dense_stats(statistic) -> tuple[dict, str, float]:
         if statistic not in dense:
@@ -204,10 +204,10 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
         part = prune(model, config, found, comm=comm, layers=own, show_progress=show_progress,
                      targets=alloc.targets if alloc else None)
         result = PruneResult(config, part.groups, mode, hit, 0.0, allocation=part.allocation)
-    if dense:  # the dense statistics' time (and cache use) counts as statistics
+    if dense:  # the dense statistics' time counts as statistics; their cache use is reported
         result.stats_seconds += sum(v[2] for v in dense.values())
-        result.stats_cache = next(iter(dense.values()))[1] if result.stats_cache in (None, "off") else \
-            result.stats_cache
+        if result.stats_cache in (None, "off"):
+            result.stats_cache = next(iter(dense.values()))[1]
     if alloc is not None:
         result.allocation = alloc
         result.groups.seconds["allocate"] = allocate_seconds

@@ -29,7 +29,8 @@ def rows(sweep_dir: Path) -> list[dict]:
             "scope": f"n:{r['m']}" if r["scope"] == "nm" else r["scope"],  # N:M with M=4 reads n:4
             "selector": r["selector"],
             "mode": r.get("mode") or "-",
-            "allocation": r.get("allocation", "uniform"), "normalize": r.get("normalize", "none"),
+            "allocation": "-" if r["scope"] == "global" else r.get("allocation", "uniform"),  # one threshold decides
+            "normalize": r.get("normalize", "none"),
             "owl_m": r.get("owl_m"), "owl_lambda": r.get("owl_lambda"),
             "target_sparsity": r["target_sparsity"],
             "achieved_sparsity": round(r["achieved_sparsity"], 6), "perplexity": ppl.get("pruned"),
@@ -181,12 +182,12 @@ def plot_allocation(report: dict, path: Path) -> None:
         ax.plot(xs, ys, marker=".", label=kind)
     ax.axhline(report["target_sparsity"], color="gray", linestyle="--", linewidth=1,
                label=f"model {report['target_sparsity']:g}")
-    how = "global scope" if report["scope"] == "global" else f"allocation {report['allocation']}"
+    how = "" if report["scope"] == "global" else f", allocation {report['allocation']}"
     if report["allocation"] == "owl":
         how += f" (M {report['owl_m']:g}, lambda {report['owl_lambda']:g})"
     if report["normalize"] != "none":
         how += f", normalize {report['normalize']}"
-    ax.set_title(f"{_model_name(report)}, {report['method']} {report['scope']}, {how}", fontsize=10)
+    ax.set_title(f"{_model_name(report)}, {report['method']} {report['scope']}{how}", fontsize=10)
     ax.set_xlabel("decoder block")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("target sparsity of the layer")
