@@ -12,7 +12,7 @@ round(sparsity * n) over the model whatever the allocation.
 
 A layer's ideal count (sparsity_l * numel_l) is rounded by largest remainder so that the
 targets add up exactly (``exact``); within a row scope a layer's target is spread over its
-rows by ``select.row_counts``.
+rows by ``select.rows_mask`` (k // rows each, one more where the next weight is cheapest).
 
 Every rank passes its own layers; the layer list is gathered (rank order is layer order),
 and what the scores contribute (per-layer sums and counts) is reduced as vectors with one

@@ -324,15 +324,25 @@ def row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def row_counts(k: int, rows: int) -> tuple[int, int]:
-    """A layer's k pruned weights spread over its rows: (q, r), the first r rows lose q + 1
-    weights and the others q."""
-    return divmod(k, rows)
+def extra_rows(scores: torch.Tensor, q: int, r: int) -> torch.Tensor:
+    """Which rows lose q + 1 weights when a layer's target is q per row plus r: the r rows
+    whose (q + 1)-th smallest score is lowest (the cheapest extra weights; ties: lower row
+    index first). Bool (rows,)."""
+    more = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    if r:
+        nxt = torch.kthvalue(scores, q + 1, dim=1).values
+        more[torch.sort(nxt, stable=True).indices[:r]] = True
+    return more
 
 
 def rows_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-row selection of k weights in all: ``row_counts`` says how many in each row."""
-    q, r = row_counts(k, scores.shape[0])
+    """Per-row selection of k weights of a layer in all: every row loses k // rows, and the
+    k % rows rows that ``extra_rows`` names one more."""
+    q, r = divmod(k, scores.shape[0])
     if r == 0:
         return row_mask(scores, q)
-    return torch.cat([row_mask(scores[:r], q + 1), row_mask(scores[r:], q)])
+    more = extra_rows(scores, q, r)
+    mask = torch.empty_like(scores, dtype=torch.bool)
+    mask[more] = row_mask(scores[more], q + 1)
+    mask[~more] = row_mask(scores[~more], q)
+    return mask

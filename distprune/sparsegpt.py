@@ -19,7 +19,7 @@ from fractions import Fraction
 
 import torch
 
-from distprune.select import row_counts
+from distprune.select import extra_rows
 
 MAX_DAMP_STEPS = 12  # dampening x10 per failed factorization: 1e-2 -> 1e10 of mean(diag H)
 
@@ -74,7 +74,8 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, k: int, scope: str = "lay
           blocksize: int = 128, percdamp: float = 0.01) -> Solved:
     """Prune k weights of ``weight`` (out, in) with the Hessian ``hessian`` (in, in) of its
     inputs, H = 2/n * sum x x^T. scope: ``layer`` (any k of the layer), ``row`` (k spread
-    over the rows as ``select.row_counts`` says: the first r rows q + 1, the rest q) or
+    over the rows: k // rows each, one more in the k % rows rows whose next weight has the
+    lowest saliency before the solve, ``select.extra_rows``) or
     ``nm`` (k * m / (out * in) of every m consecutive weights of a row, chosen on the
     already-updated weights). Returns float32 weights."""
     w = weight.detach().float().clone()
@@ -87,9 +88,10 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, k: int, scope: str = "lay
     n = k * m // (rows * cols) if scope == "nm" else 0
     if scope == "layer":
         counts = _counts(k, cols, blocksize)
-    elif scope == "row":  # rows [0, r) lose q + 1, the others q
-        q, r = row_counts(k, rows)
-        more, fewer = _counts(q + 1, cols, blocksize), _counts(q, cols, blocksize)
+    elif scope == "row":  # every row loses q, the r rows with the cheapest next weight q + 1
+        q, r = divmod(k, rows)
+        more = extra_rows(w**2 / hinv.diagonal()[None, :] ** 2, q, r)
+        plus, base = _counts(q + 1, cols, blocksize), _counts(q, cols, blocksize)
     mask = torch.zeros_like(w, dtype=torch.bool)
     losses = torch.zeros(rows, dtype=torch.float64)
     for b, i1 in enumerate(range(0, cols, blocksize)):
@@ -103,7 +105,9 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, k: int, scope: str = "lay
             mask1 = _lowest((w1**2 / d[None, :] ** 2).reshape(1, -1), counts[b]).view_as(w1)
         elif scope == "row":
             saliency = w1**2 / d[None, :] ** 2
-            mask1 = torch.cat([_lowest(saliency[:r], more[b]), _lowest(saliency[r:], fewer[b])])
+            mask1 = torch.empty_like(w1, dtype=torch.bool)
+            mask1[more] = _lowest(saliency[more], plus[b])
+            mask1[~more] = _lowest(saliency[~more], base[b])
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):

@@ -164,7 +164,7 @@ def test_row_scope_prunes_each_layers_target_spread_over_rows(calibrated_llama, 
     for r in result.groups.layers:
         per_row = masks[r.name].sum(1)
         q, extra = divmod(r.target, per_row.numel())
-        assert per_row.tolist() == [q + 1] * extra + [q] * (per_row.numel() - extra)
+        assert sorted(per_row.tolist()) == [q] * (per_row.numel() - extra) + [q + 1] * extra
     if cfg["allocation"] != "uniform":
         assert len({r.target / r.numel for r in result.groups.layers}) > 2  # not uniform
     summary = result.summary()

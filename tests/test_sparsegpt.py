@@ -97,7 +97,7 @@ def test_solve_prunes_exact_counts_and_reconstructs_better_than_masking(scope, s
     elif scope == "row":
         assert (got.mask.sum(1) == target_count(sparsity, cols)).all()
         uneven = sparsegpt.solve(w, h, k + 7, scope, m=4, blocksize=32)  # a total that rows do not divide
-        assert uneven.mask.sum(1).tolist() == [k // rows + 1] * 7 + [k // rows] * (rows - 7)
+        assert sorted(uneven.mask.sum(1).tolist()) == [k // rows] * (rows - 7) + [k // rows + 1] * 7
     else:
         assert (got.mask.view(-1, 4).sum(1) == round(sparsity * 4)).all()
     assert torch.equal(got.weight == 0, got.mask) and torch.isfinite(got.weight).all()
@@ -200,7 +200,7 @@ def test_sparsegpt_end_to_end_beats_wanda_on_its_own_calibration(arch, mode):
         model = load(ModelConfig(random=dict(TINY[arch]))).model
         cfg = PruneConfig(method=method, scope="layer", sparsity=0.6, mode=mode)
         result = calibrate_and_prune(model, cfg, lambda: ids, "cpu", batch_size=4, show_progress=False)
-        assert result.pruned == sum(target_count(0.6, r.numel) for r in result.groups.layers)
+        assert result.pruned == target_count(0.6, result.numel)  # the model's total is exact
         assert all(torch.isfinite(p).all() for p in model.parameters())
         results[method] = loss(model), result
     assert results["sparsegpt"][0] < results["wanda"][0]
