@@ -153,7 +153,7 @@ def _shown(row: dict, key: str) -> str | None:
     if key == "normalize":
         return f"normalize {v}" if "global" in (row["scope"], row.get("allocation")) else None
     if key in ("owl_m", "owl_lambda"):
-        return f"{key.removeprefix('owl_').replace('m', 'M')} {v:g}"
+        return f"{'M' if key == 'owl_m' else 'lambda'} {v:g}"
     if key == "allocation" and row["scope"] in ("global", "nm"):
         return None
     implied = row["scope"] not in ("global", "layer") or str(v).startswith(f"{row['method']}-")
