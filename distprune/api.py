@@ -17,6 +17,7 @@ from distprune.masks import GroupsResult, LayerResult, prune_groups, write_solve
 from distprune.methods import METHODS
 from distprune.models import PrunableLayer, prunable_layers, weights_to
 from distprune.progress import progress
+from distprune.stream import IN_MEMORY, InMemory, Streamed
 
 
 @dataclass
@@ -27,7 +28,6 @@ class PruneResult:
     stats_cache: str | None = None  # hit, miss or off
     stats_seconds: float = 0.0  # calibration forward passes (and cache I/O)
     solve: dict | None = None  # a solve method's per-layer details, seconds and bytes per rank
-    everywhere: bool = False  # every rank holds every pruned weight (no broadcast needed to evaluate)
     allocation: allocate.Allocation | None = None  # the layers' targets (None: global scope)
 
     @property
@@ -131,7 +131,8 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
                         layers: list[PrunableLayer] | None = None, batch_size: int = 8,
                         cache_file: Path | None = None, cache_fields: dict | None = None,
                         comm: Comm = SINGLE, show_progress: bool = True,
-                        own: list[PrunableLayer] | None = None) -> PruneResult:
+                        own: list[PrunableLayer] | None = None,
+                        blocks_from: InMemory | Streamed = IN_MEMORY) -> PruneResult:
     """Collect the method's statistics over the calibration windows (``windows()`` returns
     them, (samples, seqlen); not called on a cache hit) block by block on ``device``, and
     prune ``model`` in place with them.
@@ -144,13 +145,15 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
 
     With several ranks, each calibrates on its share of the windows, in whole batches
     (statistics are gathered per batch and added in batch order), and prunes ``own`` (its
-    shard of ``layers``); in sequential mode every rank prunes every block, since every
-    rank runs the next block on the pruned one (the same deterministic computation on the
-    same statistics), and reports ``own``. A solve method (sparsegpt) instead solves each
-    layer on one rank: ``_calibrate_and_solve``.
+    shard of ``layers``); in sequential mode each block's layers are pruned by the ranks
+    that own them and sent to every rank, which runs the next block on the pruned one. A
+    solve method (sparsegpt) solves each layer on one rank: ``_calibrate_and_solve``.
+    ``blocks_from`` reads each block when a pass needs it (a streamed model, stream.py).
 
     Afterwards the weights of ``own`` are on ``device`` and the rest of the model is where it
     was (block-wise onloading never moves the whole model): move it before running it.
+    Only ``own`` is sure to hold pruned weights: the other ranks' layers may be dense (or
+    on the meta device, streamed).
     """
     config.check()
     method = METHODS[config.method]
@@ -171,7 +174,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     def dense_stats(statistic) -> tuple[dict, str, float]:
         if statistic not in dense:
             dense[statistic] = _dense_statistics(model, statistic, layers, mine, device, batch_size, cache_file,
-                                                 cache_fields, comm, show_progress)
+                                                 cache_fields, comm, show_progress, blocks_from)
         return dense[statistic]
 
     alloc = None
@@ -183,21 +186,24 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
         allocate_seconds = time.perf_counter() - t1
     if method.solve is not None:
         result = _calibrate_and_solve(model, config, mine, device, layers, batch_size, comm, show_progress, own,
-                                      alloc.targets)
+                                      alloc.targets, blocks_from)
     elif mode == "sequential":
         groups = GroupsResult([])
+        names = {layer.name for layer in own}
+        owner = {name: rank for rank, part in enumerate(comm.all_gather_objects(sorted(names))) for name in part}
 
         def prune_block(_i: int, block_layers: list[PrunableLayer], st: dict) -> None:
-            part = prune(model, config, st, layers=block_layers, show_progress=False, targets=alloc.targets)
+            mine_here = [layer for layer in block_layers if layer.name in names]
+            part = prune(model, config, st, layers=mine_here, show_progress=False, targets=alloc.targets)
             groups.extend(part.groups)
+            for layer in block_layers:  # the pruned weights, from each owner to every rank
+                comm.broadcast_(layer.module.weight.data, src=owner[layer.name])
 
         t1 = time.perf_counter()
         stats.collect(model, layers, mine(), device, method.statistic(layers, comm), "sequential", prune_block,
-                      batch_size, show_progress)
+                      batch_size, show_progress, blocks_from)
         elapsed = time.perf_counter() - t1 - sum(groups.seconds.values())
-        names = {layer.name for layer in own}
-        groups.layers = [r for r in groups.layers if r.name in names]
-        result = PruneResult(config, groups, mode, "off", elapsed, everywhere=True)
+        result = PruneResult(config, groups, mode, "off", elapsed)
     else:
         found, hit, _ = dense_stats(method.statistic)
         weights_to(own, device)
@@ -221,7 +227,7 @@ def _scores(method, layer: PrunableLayer, statistics, cfg: PruneConfig) -> torch
 
 
 def _dense_statistics(model, statistic, layers, windows, device, batch_size, cache_file, cache_fields, comm,
-                      show) -> tuple[dict, str, float]:
+                      show, blocks_from) -> tuple[dict, str, float]:
     """Statistics of the dense model for every layer (oneshot), from the cache when every
     rank has them there: (statistics, cache hit/miss/off, seconds)."""
     t0 = time.perf_counter()
@@ -231,7 +237,8 @@ def _dense_statistics(model, statistic, layers, windows, device, batch_size, cac
     found = cached if int(everywhere) else None
     if found is None:
         acc = statistic(layers, comm)
-        stats.collect(model, layers, windows(), device, acc, batch_size=batch_size, show=show)
+        stats.collect(model, layers, windows(), device, acc, batch_size=batch_size, show=show,
+                      blocks_from=blocks_from)
         found = acc.stats
         if cacheable and comm.is_main:
             stats.save(cache_file, found, cache_fields or {})
@@ -241,7 +248,8 @@ def _dense_statistics(model, statistic, layers, windows, device, batch_size, cac
 
 def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callable[[], torch.Tensor], device,
                          layers: list[PrunableLayer], batch_size: int, comm: Comm, show: bool,
-                         own: list[PrunableLayer], targets: dict[str, int]) -> PruneResult:
+                         own: list[PrunableLayer], targets: dict[str, int],
+                         blocks_from: InMemory | Streamed = IN_MEMORY) -> PruneResult:
     """A solve method, block by block: each block's statistics are reduced onto the rank
     that owns each layer (balanced by solve cost), the owner solves it, and the new
     weights are broadcast to every rank (sequential mode runs the next block on them;
@@ -269,7 +277,7 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
         mark = comm.bytes_communicated
 
     t0 = time.perf_counter()
-    stats.collect(model, layers, windows(), device, acc, mode, solve_block, batch_size, show)
+    stats.collect(model, layers, windows(), device, acc, mode, solve_block, batch_size, show, blocks_from)
     elapsed = time.perf_counter() - t0 - seconds
     everyone = [r for part in comm.all_gather_objects(solved) for r in part]
     names = {layer.name for layer in own}
@@ -284,4 +292,4 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
         "layers": {layer.name: merged[layer.name] for layer in layers},
     }
     groups = GroupsResult(results, seconds={"solve": seconds})
-    return PruneResult(config, groups, mode, "off", elapsed, solve, everywhere=True)
+    return PruneResult(config, groups, mode, "off", elapsed, solve)

@@ -24,8 +24,9 @@ from distprune.api import PruneResult, calibrate_and_prune, prune
 from distprune.config import Config, ConfigError, register_configs
 from distprune.dist import SINGLE, Comm
 from distprune.methods import METHODS
-from distprune.perplexity import perplexity
+from distprune.perplexity import blockwise_perplexity
 from distprune.select import NonFiniteScoreError
+from distprune.stream import move
 from distprune.sweep import SweepModels
 
 log = logging.getLogger("distprune")
@@ -66,28 +67,43 @@ def eval_windows(cfg: Config, tokenizer) -> torch.Tensor:
                                    f"eval.source={cfg.eval.source!r}")
 
 
-def evaluate_ppl(cfg: Config, model, windows: torch.Tensor, device: str, comm: Comm = SINGLE) -> float:
-    model.to(device)
-    return perplexity(model, windows, cfg.eval.batch_size, comm=comm)
+def evaluate_ppl(cfg: Config, loaded: models.LoadedModel, windows: torch.Tensor, device: str, comm: Comm = SINGLE,
+                 before_block: Callable[[int], None] | None = None) -> float:
+    """Perplexity, block by block (one block in memory and on the device at a time)."""
+    return blockwise_perplexity(loaded.model, windows, cfg.eval.batch_size, device, loaded.stream, comm, before_block)
+
+
+def streams(cfg: Config) -> bool:
+    """Whether this job reads decoder blocks from the checkpoint when it needs them:
+    model.stream, unless calibration samples from the model itself (generation runs the
+    whole model)."""
+    return cfg.model.stream and not (METHODS[cfg.prune.method].calibrated and cfg.calib.source == "self")
 
 
 def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[models.LoadedModel, dict]:
-    """The model, and how it was loaded. With several ranks, a job of a method without
-    calibration that evaluates nothing reads only this rank's layers from a safetensors
-    checkpoint (rank 0 also the tensors that are never pruned, to save them); calibration
-    runs data-parallel and evaluation runs the whole model, so then every rank loads it
-    in full. A sweep reuses the
+    """The model, and how it was loaded. A local safetensors checkpoint is streamed: each
+    rank reads its own layers now (and, when it runs forward passes, the tensors outside
+    the decoder blocks); every other tensor is read when a pass needs its block
+    (stream.py). Anything else (a random config, GGUF, a hub id, model.stream=false, a
+    layout that from_pretrained converts) loads in full on every rank. A sweep reuses the
     model of its previous job with the dense weights restored."""
+    forward = METHODS[cfg.prune.method].calibrated or bool(cfg.eval.source)
+
+    def load() -> tuple[models.LoadedModel, dict]:
+        if streams(cfg):
+            def wanted(model) -> set[str]:
+                keys = models.shard_keys(model, cfg.prune.include, cfg.prune.exclude, comm.rank, comm.world_size)
+                return keys | models.outside_keys(model) if forward else keys
+
+            found = models.load_streamed(cfg.model, wanted)
+            if found is not None:
+                loaded, nbytes = found
+                return loaded, {"mode": "streamed", "bytes_per_rank": comm.all_gather_ints(nbytes)}
+        return models.load(cfg.model, "cpu"), {"mode": "full"}
+
     if shared is not None:
-        loaded, reused = shared.get(cfg.model)
-        return loaded, {"mode": "reused" if reused else "full"}
-    if comm.world_size > 1 and not METHODS[cfg.prune.method].calibrated and not cfg.eval.source:
-        shard = models.load_shard(cfg.model, lambda model: models.shard_keys(
-            model, cfg.prune.include, cfg.prune.exclude, comm.rank, comm.world_size, comm.is_main and cfg.save))
-        if shard is not None:
-            loaded, nbytes = shard
-            return loaded, {"mode": "shard", "bytes_per_rank": comm.all_gather_ints(nbytes)}
-    return models.load(cfg.model, "cpu"), {"mode": "full"}
+        return shared.get(cfg.model, load, [streams(cfg), forward, cfg.prune.include, cfg.prune.exclude])
+    return load()
 
 
 def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: str, comm: Comm,
@@ -99,14 +115,15 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
     if not METHODS[cfg.prune.method].calibrated:
         models.weights_to(own, device)
         return prune(loaded.model, cfg.prune, layers=own, comm=comm)
+    model = loaded.model
 
     def windows():
         with phase(seconds, "calib_windows"):
             if cfg.calib.source == "self":
                 loaded.model.to(device)
-            w = data.calibration_windows(cfg.calib.source, loaded.model, loaded.tokenizer, cfg.calib.nsamples,
+            w = data.calibration_windows(cfg.calib.source, model, loaded.tokenizer, cfg.calib.nsamples,
                                          cfg.calib.seqlen, cfg.calib.seed)
-            loaded.model.to("cpu")  # block-wise onloading: only the current block goes to the device
+            move(model, "cpu")  # block-wise onloading: only the current block goes to the device
         log.info("calib: %d x %d tokens from %s in %.1fs", w.shape[0], w.shape[1], cfg.calib.source,
                  seconds["calib_windows"])
         return w
@@ -116,19 +133,26 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
         fields = {"model": models.fingerprint(cfg.model), "calib": calibration_source_fields(cfg),
                   "layers": [layer.name for layer in layers]}
         cache_file = models.cache_dir() / "stats" / f"{stats.cache_key(fields)}.safetensors"
-    loaded.model.to("cpu")
-    return calibrate_and_prune(loaded.model, cfg.prune, windows, device, layers, cfg.calib.batch_size,
-                               cache_file, fields, comm, own=own)
+    move(model, "cpu")
+    return calibrate_and_prune(model, cfg.prune, windows, device, layers, cfg.calib.batch_size,
+                               cache_file, fields, comm, own=own, blocks_from=loaded.stream)
 
 
-def sync_pruned(parts: list[list[models.PrunableLayer]], comm: Comm) -> None:
-    """Give every rank every pruned weight (each from its owner): evaluation runs the
-    whole pruned model. Moves the model once; selection never does."""
+def from_owners(parts: list[list[models.PrunableLayer]], comm: Comm) -> Callable[[int], None] | None:
+    """For a block-wise pass over the pruned model: before block i runs, every rank gets the
+    pruned weights of block i's layers from the ranks that own them."""
     if comm.world_size == 1:
-        return
+        return None
+    by_block: dict[int, list[tuple[models.PrunableLayer, int]]] = {}
     for rank, part in enumerate(parts):
         for layer in part:
+            by_block.setdefault(layer.block, []).append((layer, rank))
+
+    def share(i: int) -> None:
+        for layer, rank in by_block.get(i, []):
             comm.broadcast_(layer.module.weight.data, src=rank)
+
+    return share
 
 
 def gather_layers(result: PruneResult, comm: Comm) -> None:
@@ -178,7 +202,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     if cfg.eval.source and cfg.eval.dense:
         def dense() -> float:
             with phase(seconds, "eval_dense"):
-                return evaluate_ppl(cfg, loaded.model, windows, device, comm)
+                return evaluate_ppl(cfg, loaded, windows, device, comm)
 
         ppl["dense"], reused = shared.dense_perplexity(cfg.model, cfg.eval, dense) if shared else (dense(), False)
         if reused:
@@ -218,9 +242,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
                  if cfg.prune.scope != "global" else "global scope", cfg.prune.normalize, min(spread), max(spread))
     if cfg.eval.source:
         with phase(seconds, "eval"):
-            if not result.everywhere:
-                sync_pruned(parts, comm)
-            ppl["pruned"] = evaluate_ppl(cfg, loaded.model, windows, device, comm)
+            ppl["pruned"] = evaluate_ppl(cfg, loaded, windows, device, comm, from_owners(parts, comm))
         log.info("eval: pruned perplexity %.3f (dense %s) in %.1fs", ppl["pruned"],
                  f"{ppl['dense']:.3f}" if "dense" in ppl else "not evaluated", seconds["eval"])
 
@@ -246,7 +268,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         with phase(seconds, "save"):
             if cfg.save:
                 writer.write_checkpoint(tmp, loaded.model, loaded.tokenizer, cfg.max_shard_size,
-                                            [[layer.name for layer in part] for part in parts], comm)
+                                        [[layer.name for layer in part] for part in parts], comm, loaded.stream.read)
         if comm.is_main:
             checkpoint.write_report(tmp, report)
             if varied:
@@ -351,9 +373,11 @@ def run_eval(cfg: Config) -> dict:
     models.check_source(cfg.model)
     data.check_source(cfg.eval.source, "eval.source")
     t0 = time.perf_counter()
-    loaded = models.load(cfg.model, "cpu")
+    found = models.load_streamed(cfg.model, models.outside_keys) if cfg.model.stream else None
+    loaded = found[0] if found is not None else models.load(cfg.model, "cpu")
     models.check_context(loaded.model, {"eval.seqlen": cfg.eval.seqlen})
-    ppl = evaluate_ppl(cfg, loaded.model, eval_windows(cfg, loaded.tokenizer), resolve_device(cfg.device))
+    models.check_finite(loaded.model)
+    ppl = evaluate_ppl(cfg, loaded, eval_windows(cfg, loaded.tokenizer), resolve_device(cfg.device))
     result = {"model": loaded.source, "eval_source": cfg.eval.source, "seqlen": cfg.eval.seqlen,
               "max_windows": cfg.eval.max_windows, "perplexity": ppl, "seconds": round(time.perf_counter() - t0, 2)}
     log.info("eval: perplexity %.3f of %s on %s", ppl, loaded.source, cfg.eval.source)

@@ -34,6 +34,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto keeps the checkpoint's dtype
     random: dict[str, Any] | None = None  # a transformers config dict: random weights
     seed: int = 0  # seed of random weights
+    # a local safetensors checkpoint: each rank keeps its own layers and reads every decoder
+    # block when a pass needs it (memory: a shard plus one block); false loads it in full
+    stream: bool = True
 
     def check(self) -> None:
         _one_of("model.dtype", self.dtype, DTYPES)

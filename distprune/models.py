@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,8 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from distprune import stream
 from distprune.errors import ConfigError
-from distprune.writer import tie_groups, write_checkpoint
+from distprune.writer import write_checkpoint
 
 if TYPE_CHECKING:
     from distprune.config import ModelConfig
@@ -67,6 +67,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object | None
     source: str  # what was loaded: a path, a hub id, or random:<model_type>
+    stream: stream.Streamed | stream.InMemory = stream.IN_MEMORY  # where blocks not in memory come from
 
 
 def cache_dir() -> Path:
@@ -233,13 +234,13 @@ def safetensors_dir(cfg: ModelConfig) -> Path | None:
     return d if found else None
 
 
-def load_shard(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> tuple[LoadedModel, int] | None:
+def load_streamed(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> tuple[LoadedModel, int] | None:
     """The model of a local safetensors checkpoint with only the tensors that
-    ``wanted(model)`` names read from disk; every other tensor stays on the meta device
-    (shape and dtype, no memory). Returns (model, bytes read), or None when the
-    checkpoint's tensor names are not the model's (a layout that from_pretrained
-    converts): load it in full then."""
-    from safetensors import safe_open
+    ``wanted(model)`` names read from disk (resident until the end); every other parameter
+    stays on the meta device (shape and dtype, no memory) until ``loaded.stream`` reads
+    its decoder block. Returns (model, bytes read), or None when the checkpoint's tensor
+    names are not the model's (a layout that from_pretrained converts): load it in full
+    then."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     directory = safetensors_dir(cfg)
@@ -247,33 +248,18 @@ def load_shard(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> tup
         return None
     config = AutoConfig.from_pretrained(directory)
     _check_causal(config, str(directory))
-    index = directory / "model.safetensors.index.json"
-    files = (sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-             if index.is_file() else [directory / "model.safetensors"])
-    with ExitStack() as stack:
-        where = {}  # tensor name -> the open file that holds it
-        for f in files:
-            h = stack.enter_context(safe_open(f, "pt"))
-            where.update(dict.fromkeys(h.keys(), h))
-        dtype = TORCH_DTYPES.get(cfg.dtype) or getattr(config, "dtype", None) or _first_float_dtype(where)
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        groups = tie_groups(model)
-        stored = {g[0]: next((n for n in g if n in where), None) for g in groups}
-        if any(v is None for v in stored.values()):
-            log.info("%s: tensor names differ from the model's; loading it in full", directory)
-            return None
-        want = wanted(model)
-        slots = {}  # state-dict name -> (module, attribute)
-        for prefix, m in model.named_modules(remove_duplicate=False):
-            for attr in [*m._parameters, *m._buffers]:
-                slots[f"{prefix}.{attr}" if prefix else attr] = (m, attr)
-        read = 0
-        for group in groups:
-            if want.intersection(group):
-                key = stored[group[0]]
-                read += _materialize(slots, group, where[key].get_tensor(key), directory)
+    reader = stream.Reader(directory)
+    dtype = TORCH_DTYPES.get(cfg.dtype) or getattr(config, "dtype", None) or _first_float_dtype(reader)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with stream.params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    streamed = stream.Streamed(model, reader, blocks, prefix)
+    if not streamed.complete():
+        log.info("%s: tensor names differ from the model's; loading it in full", directory)
+        return None
+    read = streamed.keep(wanted(model))
     gen = directory / "generation_config.json"
     if gen.is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
@@ -281,42 +267,27 @@ def load_shard(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> tup
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError):
         tokenizer = None
-    return LoadedModel(model.eval(), tokenizer, str(directory)), read
+    return LoadedModel(model.eval(), tokenizer, str(directory), streamed), read
 
 
-def _materialize(slots: dict, group: list[str], t: torch.Tensor, directory: Path) -> int:
-    """Put t in place of the meta tensor that every name of group (tied names) holds;
-    returns its bytes."""
-    ref = getattr(*slots[group[0]])
-    if tuple(t.shape) != tuple(ref.shape):
-        raise ConfigError(f"{directory}: tensor {group[0]} has shape {tuple(t.shape)}, the config says "
-                          f"{tuple(ref.shape)}")
-    t = t.to(ref.dtype)
-    new = nn.Parameter(t, requires_grad=False) if isinstance(ref, nn.Parameter) else t
-    for name in group:
-        m, attr = slots[name]
-        (m._parameters if attr in m._parameters else m._buffers)[attr] = new
-    return t.numel() * t.element_size()
+def outside_keys(model: nn.Module) -> set[str]:
+    """State-dict names outside the decoder blocks (embeddings, final norm, head): what a
+    forward pass needs besides the block it runs."""
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    return {k for k in model.state_dict() if not k.startswith(f"{prefix}.")}
 
 
-def shard_keys(model: nn.Module, include, exclude, rank: int, world_size: int, rest: bool) -> set[str]:
-    """State-dict names a rank needs: the weights of its layers, and with ``rest`` every
-    tensor that is not a prunable weight (rank 0 saves those)."""
+def shard_keys(model: nn.Module, include, exclude, rank: int, world_size: int) -> set[str]:
+    """State-dict names of the weights of a rank's layers."""
     layers = prunable_layers(model, include, exclude)
-    keys = {f"{layer.name}.weight" for layer in partition(layers, world_size)[rank]}
-    if rest:
-        keys |= set(model.state_dict()) - {f"{layer.name}.weight" for layer in layers}
-    return keys
+    return {f"{layer.name}.weight" for layer in partition(layers, world_size)[rank]}
 
 
-def _first_float_dtype(where: dict) -> torch.dtype:
+def _first_float_dtype(reader: stream.Reader) -> torch.dtype:
     """The dtype of the checkpoint's first floating-point tensor (what from_pretrained's
     dtype="auto" picks when the config names none)."""
-    for key, h in where.items():
-        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(h.get_slice(key).get_dtype())
-        if dtype is not None:
-            return dtype
-    return torch.float32
+    return next((reader.dtype(k) for k in reader.where if reader.dtype(k).is_floating_point), torch.float32)
 
 
 def builtin_dir(name: str) -> Path:
@@ -352,12 +323,11 @@ def builtin_dir(name: str) -> Path:
 def check_finite(model: nn.Module) -> None:
     """Refuse a model whose loaded floating-point tensors hold NaN or Inf, naming the first
     such tensor: its scores, or the statistics of every layer after it, would be
-    meaningless (tensors on the meta device, not loaded by this rank, are skipped)."""
+    meaningless (tensors on the meta device, not loaded by this rank, are checked when a
+    pass reads their block)."""
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ConfigError(f"model tensor {name} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or Inf): "
-                              "the checkpoint is damaged")
+        if not t.is_meta:
+            stream.check_finite(name, t)
 
 
 CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length")

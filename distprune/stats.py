@@ -31,6 +31,7 @@ from distprune.dist import SINGLE, Comm
 from distprune.models import PrunableLayer, decoder_blocks
 from distprune.progress import progress
 from distprune.select import NonFiniteScoreError
+from distprune.stream import IN_MEMORY, InMemory, Streamed
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when the statistics change meaning
@@ -166,13 +167,14 @@ def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
 @torch.no_grad()
 def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor, device, accumulator,
             mode: str = "oneshot", on_block: Callable[[int, list[PrunableLayer], dict], None] | None = None,
-            batch_size: int = 8, show: bool = True) -> None:
+            batch_size: int = 8, show: bool = True, blocks_from: InMemory | Streamed = IN_MEMORY) -> None:
     """Feed the inputs of ``layers`` over ``windows`` (samples, seqlen) to ``accumulator``,
     one decoder block on ``device`` at a time; ``on_block(i, block_layers, statistics)``
     receives each block's reduced statistics as soon as they are complete. In sequential
     mode it prunes block i, and block i's outputs are recomputed before they feed block
     i+1. With several ranks, each passes its share of the windows in whole batches
-    (``dist.batch_share``); the accumulator reduces over ranks."""
+    (``dist.batch_share``); the accumulator reduces over ranks. ``blocks_from`` reads each
+    block before it runs and drops it after (a streamed model, stream.py)."""
     if mode not in ("oneshot", "sequential"):
         raise ValueError(f"unknown calibration mode {mode!r}")
     blocks = decoder_blocks(model)
@@ -184,6 +186,7 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
     for i, block in enumerate(progress(blocks, "calibrate", "block", show)):
         if i > last:
             break
+        blocks_from.load_block(i)
         home = next(block.parameters()).device
         block.to(device)
         mine = by_block.get(i, [])
@@ -202,6 +205,7 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
                 outputs = _run_block(block, inputs)  # block i's outputs with its pruned weights
         del block_stats  # Hessians: never two blocks' at once
         block.to(home)
+        blocks_from.release_block(i)
         inputs = outputs
 
 

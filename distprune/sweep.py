@@ -24,15 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from distprune import dist, summarize
 from distprune.config import EvalConfig, ModelConfig
-from distprune.models import LoadedModel, fingerprint, load, prunable_layers
+from distprune.models import LoadedModel, fingerprint, prunable_layers
+from distprune.stream import move
 
 log = logging.getLogger("distprune")
 
 
 class SweepModels:
-    """The model of the last job of a sweep, kept with a CPU copy of its prunable weights,
-    so that the next job on the same model loads nothing and still starts from the dense
-    weights (never from an already pruned model)."""
+    """The model of the last job of a sweep, so that the next job on the same model loads
+    nothing and still starts from the dense weights (never from an already pruned model):
+    a streamed model reads its resident weights again, a model in memory keeps a CPU copy
+    of its prunable weights."""
 
     def __init__(self) -> None:
         self.key: str | None = None
@@ -40,21 +42,27 @@ class SweepModels:
         self.dense: dict[str, torch.Tensor] = {}
         self._dense_ppl: dict[str, float] = {}  # (model, eval settings) -> perplexity of the dense model
 
-    def get(self, cfg: ModelConfig) -> tuple[LoadedModel, bool]:
-        """(the model, True when it was reused with its dense weights restored)."""
-        key = json.dumps(fingerprint(cfg), sort_keys=True, default=str)
+    def get(self, cfg: ModelConfig, load: Callable[[], tuple[LoadedModel, dict]], how: list
+            ) -> tuple[LoadedModel, dict]:
+        """(the model, how it was loaded: {"mode": "reused"} when it was reused with its
+        dense weights restored). ``how`` (streaming, what stays in memory) must match too."""
+        key = json.dumps([fingerprint(cfg), how], sort_keys=True, default=str)
         if key == self.key and self.loaded is not None:
-            self.loaded.model.to("cpu")
+            model = self.loaded.model
+            move(model, "cpu")
             with torch.no_grad():
-                for layer in prunable_layers(self.loaded.model):
-                    layer.module.weight.copy_(self.dense[layer.name])
-            return self.loaded, True
+                if self.loaded.stream.streamed:
+                    self.loaded.stream.reload()
+                else:
+                    for layer in prunable_layers(model):
+                        layer.module.weight.copy_(self.dense[layer.name])
+            return self.loaded, {"mode": "reused"}
         self.key, self.loaded, self.dense = None, None, {}  # free the previous model first
-        loaded = load(cfg, "cpu")
-        self.dense = {layer.name: layer.module.weight.detach().clone() for layer in prunable_layers(loaded.model)}
+        loaded, loaded_how = load()
+        if not loaded.stream.streamed:
+            self.dense = {layer.name: layer.module.weight.detach().clone() for layer in prunable_layers(loaded.model)}
         self.key, self.loaded = key, loaded
-        return loaded, False
-
+        return loaded, loaded_how
 
     def dense_perplexity(self, model: ModelConfig, evaluation: EvalConfig,
                          compute: Callable[[], float]) -> tuple[float, bool]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,10 +72,13 @@ def shard_plan(state: dict[str, torch.Tensor], parts: list[list[str]], max_shard
 
 
 def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_size: str,
-                     parts: list[list[str]] | None = None, comm: Comm = SINGLE) -> None:
+                     parts: list[list[str]] | None = None, comm: Comm = SINGLE,
+                     read: Callable[[str], torch.Tensor] | None = None) -> None:
     """A Hugging Face checkpoint written by all ranks at once: each rank writes the
     safetensors files of its own layers; rank 0 writes the other tensors, the index,
-    config, generation config and tokenizer."""
+    config, generation config and tokenizer. A tensor this rank holds on the meta device
+    (a streamed model, never pruned) is ``read(name)`` from the input checkpoint, one
+    output file at a time."""
     parts = parts if parts is not None else [[]]
     state = unique_state_dict(model)
     plan = shard_plan(state, parts, max_shard_size)
@@ -82,8 +86,8 @@ def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_siz
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     for (rank, keys), name in zip(plan, names, strict=True):
         if rank == comm.rank:
-            save_file({k: state[k].detach().contiguous().cpu() for k in keys}, directory / name,
-                      metadata={"format": "pt"})
+            save_file({k: (read(k) if state[k].is_meta else state[k].detach()).contiguous().cpu() for k in keys},
+                      directory / name, metadata={"format": "pt"})
             os.chmod(directory / name, 0o666 & ~UMASK)  # safetensors creates 0600; the JSON files get the umask
     if not comm.is_main:
         return

@@ -1,8 +1,8 @@
-"""Loading per rank, side by side: every rank loads the whole checkpoint (what wanda and
-evaluation need) or only its own layers (magnitude without evaluation; rank 0 also the
-tensors that are never pruned). Each load runs in a fresh subprocess, then reads every
-tensor it loaded (as pruning or saving does); extra memory is its peak RSS minus the RSS
-before the load.
+"""Loading per rank, side by side: every rank loads the whole checkpoint (model.stream=false)
+or streams it: only its own layers and the tensors outside the decoder blocks (what a job
+with forward passes keeps; blocks are read when a pass needs them). Each load runs in a
+fresh subprocess, then reads every tensor it loaded (as pruning or saving does); extra
+memory is its peak RSS minus the RSS before the load.
 
     python scripts/bench_load.py --world-sizes 2,4 --repeat 3 --write docs/BENCHMARKS.md
 """
@@ -26,7 +26,7 @@ from distprune.config import ModelConfig
 
 def child(args) -> None:
     cfg = ModelConfig(name=args.model, path=args.path)
-    models.load_shard(cfg, lambda m: set())  # warm up: conversion of a preset, imports, the meta model
+    models.load_streamed(cfg, lambda m: set())  # warm up: conversion of a preset, imports, the meta model
     reset_peak()
     base = rss_kib("VmRSS") * 1024
     t0 = time.perf_counter()
@@ -34,8 +34,8 @@ def child(args) -> None:
         loaded = models.load(cfg)
         nbytes = sum(t.numel() * t.element_size() for t in writer.unique_state_dict(loaded.model).values())
     else:
-        loaded, nbytes = models.load_shard(cfg, lambda m: models.shard_keys(m, [], [], args.rank, args.ws,
-                                                                             args.rank == 0))
+        loaded, nbytes = models.load_streamed(cfg, lambda m: models.shard_keys(m, [], [], args.rank, args.ws)
+                                              | models.outside_keys(m))
     for t in loaded.model.state_dict().values():  # page in what was loaded, as pruning or saving would
         if not t.is_meta:
             t.float().sum()
@@ -72,9 +72,9 @@ def main() -> None:
     for ws in [int(w) for w in args.world_sizes.split(",")]:
         for rank in range(ws):
             r = measure(args, "shard", ws, rank)
-            rows.append(f"| {ws} ranks, shard | {rank} | {r['read'] / 2**20:.0f} | {r['extra'] / 2**20:.0f} | "
+            rows.append(f"| {ws} ranks, streamed | {rank} | {r['read'] / 2**20:.0f} | {r['extra'] / 2**20:.0f} | "
                         f"{r['seconds']:.2f} | {full['extra'] / max(r['extra'], 1):.2f} |")
-    table = ("| load | rank | MiB read | peak extra MiB | seconds (load + read) | memory saved (full / shard) |\n"
+    table = ("| load | rank | MiB read | peak extra MiB | seconds (load + read) | memory saved (full / streamed) |\n"
              "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(table)
     if args.write:

@@ -63,7 +63,7 @@ def test_bench_load(tmp_path, checkpoint):
     script(tmp_path, "bench_load.py", "--path", str(checkpoint), "--world-sizes", "2", "--repeat", "1",
            "--write", str(out))
     text = out.read_text()
-    assert "| every rank, full | any |" in text and "| 2 ranks, shard | 1 |" in text
+    assert "| every rank, full | any |" in text and "| 2 ranks, streamed | 1 |" in text
 
 
 def test_bench_sample(tmp_path, checkpoint):

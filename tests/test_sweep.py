@@ -61,7 +61,8 @@ def test_one_directory_per_job_under_the_sweep_directory(sweeps, ranks):
 def test_work_is_shared_across_jobs(sweeps, ranks):
     """The model is loaded once, wanda's statistics computed once, the dense model evaluated once."""
     _, reports, stderr = sweeps[ranks]
-    assert sorted(r["load"]["mode"] for r in reports.values()) == ["full", "reused", "reused", "reused"]
+    # a safetensors checkpoint is streamed; later jobs read their resident weights again
+    assert sorted(r["load"]["mode"] for r in reports.values()) == ["reused", "reused", "reused", "streamed"]
     assert sorted(r["stats_cache"] for r in reports.values() if r["method"] == "wanda") == ["hit", "miss"]
     assert stderr.count("cache miss") == 1
     assert sorted("eval_dense" in r["seconds"] for r in reports.values()) == [False, False, False, True]

@@ -1,0 +1,208 @@
+"""A model whose decoder blocks stay in the checkpoint until a pass needs them.
+
+Every rank builds the model on the meta device (shapes, no memory) and keeps in memory only
+its *resident* tensors: the pruned layers it owns and, when it runs forward passes, the
+tensors outside the decoder blocks (embeddings, final norm, head). A pass over the blocks
+calls ``load_block(i)`` (read block i's tensors from the safetensors files), runs the block,
+and ``release_block(i)`` (back to the meta device, resident tensors excepted): memory per
+rank is its shard plus one block, whatever the model size.
+
+Files are read with plain reads into fresh tensors, never memory-mapped: a mapped page the
+process touched counts in its resident memory until the kernel drops it, and a pass over a
+70B checkpoint would touch all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distprune.errors import ConfigError
+from distprune.writer import tie_groups
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class Reader:
+    """The tensors of a safetensors checkpoint (one file, or shards with an index), read one
+    at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        index = directory / "model.safetensors.index.json"
+        files = (sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+                 if index.is_file() else [directory / "model.safetensors"])
+        self.where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for key, v in header.items():
+                if key == "__metadata__":
+                    continue
+                if v["dtype"] not in DTYPES:
+                    raise ConfigError(f"{f}: tensor {key} has dtype {v['dtype']}, which distprune cannot read")
+                start, end = v["data_offsets"]
+                self.where[key] = (f, DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + start, 8 + n + end)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.where[key][1]
+
+    def read(self, key: str) -> torch.Tensor:
+        f, dtype, shape, start, end = self.where[key]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        with open(f, "rb") as fh:
+            fh.seek(start)
+            while done < len(view):
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise ConfigError(f"model file {str(f)!r} ends inside tensor {key}")
+                done += got
+        return buf.view(dtype).reshape(shape)
+
+
+@contextmanager
+def params_on_meta():
+    """Build modules with their parameters on the meta device and their buffers real:
+    buffers that are not in a checkpoint (rotary inverse frequencies) are computed at
+    construction and must exist for a forward pass."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # a meta one may be a tie: keep it
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class InMemory:
+    """A model loaded in full: blocks are always there."""
+
+    streamed = False
+
+    def load_block(self, i: int) -> None:
+        pass
+
+    def release_block(self, i: int) -> None:
+        pass
+
+    def read(self, name: str) -> torch.Tensor:
+        raise KeyError(name)
+
+
+IN_MEMORY = InMemory()
+
+
+class Streamed:
+    """The tensors of ``model`` (built under ``params_on_meta``) that ``reader`` holds, read
+    when needed: ``resident`` state-dict names now and until the end, a decoder block's
+    for as long as it is loaded."""
+
+    streamed = True
+
+    def __init__(self, model: nn.Module, reader: Reader, blocks: nn.ModuleList, prefix: str) -> None:
+        self.model, self.reader = model, reader
+        self.slots: dict[str, tuple[nn.Module, str]] = {}
+        for name, m in model.named_modules(remove_duplicate=False):
+            for attr in [*m._parameters, *m._buffers]:
+                self.slots[f"{name}.{attr}" if name else attr] = (m, attr)
+        self.groups = tie_groups(model)  # tied names share one tensor, stored under one of them
+        self.stored = {g[0]: next((n for n in g if n in reader.where), None) for g in self.groups}
+        self.block_groups = [[g for g in self.groups if g[0].startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
+        self.resident: set[str] = set()
+        self._checked: set[int] = set()
+
+    def complete(self) -> bool:
+        """Whether the checkpoint holds every tensor of the model under one of its names
+        (otherwise from_pretrained renames or converts them: load it in full)."""
+        return all(v is not None for v in self.stored.values())
+
+    def keep(self, names: set[str]) -> int:
+        """Read the groups that any of ``names`` belongs to and keep them in memory until
+        the end; returns the bytes read."""
+        read = 0
+        for group in self.groups:
+            if names.intersection(group) and group[0] not in self.resident:
+                read += self._materialize(group)
+                self.resident.add(group[0])
+        return read
+
+    def reload(self) -> None:
+        """Read the resident tensors again: the dense weights, for the next job of a sweep."""
+        for group in self.groups:
+            if group[0] in self.resident:
+                self._materialize(group)
+
+    def load_block(self, i: int) -> None:
+        for group in self.block_groups[i]:
+            if getattr(*self.slots[group[0]]).is_meta:
+                self._materialize(group)
+        if i not in self._checked:  # each block once: its non-resident tensors are read again later
+            self._checked.add(i)
+            for group in self.block_groups[i]:
+                check_finite(group[0], getattr(*self.slots[group[0]]))
+
+    def release_block(self, i: int) -> None:
+        for group in self.block_groups[i]:
+            if group[0] not in self.resident:
+                ref = getattr(*self.slots[group[0]])
+                self._put(group, torch.empty_like(ref, device="meta"), isinstance(ref, nn.Parameter))
+
+    def read(self, name: str) -> torch.Tensor:
+        """A tensor as the checkpoint holds it (in the model's dtype), without keeping it."""
+        group = next(g for g in self.groups if name in g)
+        return self.reader.read(self.stored[group[0]]).to(getattr(*self.slots[group[0]]).dtype)
+
+    def _materialize(self, group: list[str]) -> int:
+        ref = getattr(*self.slots[group[0]])
+        key = self.stored[group[0]]
+        t = self.reader.read(key)
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ConfigError(f"{self.reader.where[key][0]}: tensor {key} has shape {tuple(t.shape)}, the config "
+                              f"says {tuple(ref.shape)}")
+        t = t.to(ref.dtype)
+        self._put(group, t, isinstance(ref, nn.Parameter))
+        return t.numel() * t.element_size()
+
+    def _put(self, group: list[str], t: torch.Tensor, parameter: bool) -> None:
+        new = nn.Parameter(t, requires_grad=False) if parameter else t
+        for name in group:
+            m, attr = self.slots[name]
+            (m._parameters if attr in m._parameters else m._buffers)[attr] = new
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ConfigError(f"model tensor {name} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or Inf): "
+                          "the checkpoint is damaged")
+
+
+def move(model: nn.Module, device, skip: nn.Module | None = None) -> None:
+    """Move every parameter and buffer that is in memory (not on the meta device) to device,
+    except those inside ``skip`` (the decoder blocks: they go one at a time); tied
+    parameters stay tied (one Parameter, its data moved)."""
+    skipped = {id(m) for m in skip.modules()} if skip is not None else set()
+    for m in model.modules():
+        if id(m) in skipped:
+            continue
+        for p in m._parameters.values():
+            if p is not None and not p.is_meta:
+                p.data = p.data.to(device)
+        for k, b in m._buffers.items():
+            if b is not None and not b.is_meta:
+                m._buffers[k] = b.to(device)
