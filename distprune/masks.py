@@ -52,8 +52,8 @@ def _apply(layer: PrunableLayer, mask: torch.Tensor, target: int | None = None) 
     w = layer.weight
     w.masked_fill_(mask, 0.0)  # +0.0, never -0.0
     pruned = int(torch.count_nonzero(mask))
-    return LayerResult(layer.name, layer.numel, pruned, int(torch.count_nonzero(w == 0)),
-                       pruned if target is None else target, layer.block)
+    zeros = w.numel() - int(torch.count_nonzero(w))  # one pass, no (w == 0) tensor; -0.0 counts as zero
+    return LayerResult(layer.name, layer.numel, pruned, zeros, pruned if target is None else target, layer.block)
 
 
 def write_solved(layer: PrunableLayer, weight: torch.Tensor, mask: torch.Tensor, target: int) -> LayerResult:

@@ -7,13 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, word_tokenizer
 
 from distprune.config import ModelConfig
 from distprune.models import load
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKED = {"bench_select.py", "bench_load.py", "bench_sample.py", "bench_solve.py", "results.py", "gpu_check.sh"}
+SMOKED = {"bench_select.py", "bench_load.py", "bench_sample.py", "bench_solve.py", "results.py", "gpu_check.sh",
+          "make_checkpoint.py"}
 
 
 def script(tmp_path, *args, env=None, timeout=600):
@@ -64,6 +66,22 @@ def test_bench_load(tmp_path, checkpoint):
            "--write", str(out))
     text = out.read_text()
     assert "| every rank, full | any |" in text and "| 2 ranks, streamed | 1 |" in text
+
+
+def test_make_checkpoint(tmp_path):
+    """Shard by shard into several files with an index: what from_pretrained loads, and
+    what a streamed load reads."""
+    from distprune.models import load_streamed
+
+    out = tmp_path / "ckpt"
+    script(tmp_path, "make_checkpoint.py", str(out), "--shape", "llama-tiny", "--layers", "3", "--shard-gb", "0.0001")
+    assert len(list(out.glob("model-*.safetensors"))) > 3 and (out / "model.safetensors.index.json").is_file()
+    full = load(ModelConfig(path=str(out))).model
+    assert full.config.num_hidden_layers == 3 and next(full.parameters()).dtype == torch.bfloat16
+    streamed, _ = load_streamed(ModelConfig(path=str(out)), lambda m: set(m.state_dict()))
+    ref = full.state_dict()
+    got = streamed.model.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
 def test_bench_sample(tmp_path, checkpoint):
