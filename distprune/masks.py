@@ -52,7 +52,7 @@ def _apply(layer: PrunableLayer, mask: torch.Tensor, target: int | None = None) 
     w = layer.weight
     w.masked_fill_(mask, 0.0)  # +0.0, never -0.0
     pruned = int(torch.count_nonzero(mask))
-    zeros = w.numel() - int(torch.count_nonzero(w))  # one pass, no (w == 0) tensor; -0.0 counts as zero
+    zeros = int(torch.count_nonzero(w == 0))  # faster than count_nonzero(w) on 16-bit weights
     return LayerResult(layer.name, layer.numel, pruned, zeros, pruned if target is None else target, layer.block)
 
 
@@ -107,6 +107,12 @@ def _prune_global(layers, score, sparsity, selector, comm, show, search) -> Grou
     sel = select(selector, stream, target_count(sparsity, n), n, comm, **search)
     t1 = time.perf_counter()
     budget = TieBudget(sel, comm)
-    results = [_apply(layer, budget.mask(score(layer))) for layer in progress(layers, "mask", "layer", show)]
+    results = []
+    for layer in progress(layers, "mask", "layer", show):
+        pruned = budget.prune_(layer.weight, score(layer))
+        # a zero weight scores 0 (scores.py), below a threshold > 0: pruned, so counted already
+        positive = sel.threshold is not None and float(sel.threshold) > 0
+        zeros = pruned if positive else int(torch.count_nonzero(layer.weight == 0))
+        results.append(LayerResult(layer.name, layer.numel, pruned, zeros, pruned, layer.block))
     seconds = {"score+select": t1 - t0, "mask": time.perf_counter() - t1}
     return GroupsResult(results, sel, sel.passes, seconds)

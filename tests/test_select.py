@@ -173,3 +173,46 @@ def test_rows_mask_spreads_a_layer_total_over_rows(rows, cols, seed, data):
         assert sorted(more.nonzero().squeeze(1).tolist()) == sorted(expect.tolist())
     for i in range(rows):
         assert torch.equal(mask[i], row_mask(s[i:i + 1], int(per_row[i]))[0])
+
+
+@pytest.mark.parametrize("quota", [0, 5, 10**6])
+@pytest.mark.parametrize(("score_dtype", "weight_dtype"), [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float32)])
+def test_prune_in_place_equals_the_mask(quota, score_dtype, weight_dtype):
+    """TieBudget.prune_ (bit arithmetic) zeroes exactly what mask + masked_fill_ zero, with
+    +0.0, layer after layer while the tie quota runs out (one layer splits its ties), on
+    contiguous and transposed (Conv1D) weights."""
+    from distprune.select import Selection, TieBudget
+
+    g = torch.Generator().manual_seed(quota)
+    w = torch.randn(64, 96, generator=g).round(decimals=1).to(weight_dtype)  # rounded: many ties
+    norms = (torch.rand(96, generator=g) * 4).round()  # zero channels: zero scores of nonzero weights
+    s = (w.abs() if score_dtype == weight_dtype else w.float().abs() * norms).to(score_dtype).contiguous()
+    t = s.flatten().kthvalue(3000).values
+    ints = torch.int32 if weight_dtype == torch.float32 else torch.int16
+    for transposed in (False, True):
+        by_mask, in_place = TieBudget(Selection(3000, s.numel(), t, quota, 1, "radix", 0)), \
+            TieBudget(Selection(3000, s.numel(), t, quota, 1, "radix", 0))
+        for _ in range(3):
+            mask = by_mask.mask(s)
+            ref = w.clone().masked_fill_(mask, 0.0)
+            got = w.t().contiguous().t() if transposed else w.clone()
+            assert in_place.prune_(got, s) == int(mask.sum())
+            assert torch.equal(got.contiguous().view(ints), ref.view(ints))  # bit patterns: +0.0
+            assert in_place.remaining == by_mask.remaining
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "ria"])
+def test_a_zero_weight_scores_zero(method):
+    """masks._prune_global counts a zero weight as pruned when the threshold is > 0."""
+    from distprune.config import PruneConfig
+    from distprune.methods import METHODS
+    from distprune.stats import LayerStats
+
+    w = torch.randn(8, 16).to(torch.bfloat16)
+    w[2, 3] = 0.0
+    w[:, 5] = 0.0  # an all-zero column (ria's column sum)
+    st = LayerStats.from_norms(torch.rand(16) + 0.5)
+    s = METHODS[method].score(w, st, PruneConfig(method=method))
+    assert bool((s[w == 0] == 0).all()) and bool((s[w != 0] > 0).all())
