@@ -146,7 +146,8 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     With several ranks, each calibrates on its share of the windows, in whole batches
     (statistics are gathered per batch and added in batch order), and prunes ``own`` (its
     shard of ``layers``); in sequential mode each block's layers are pruned by the ranks
-    that own them and sent to every rank, which runs the next block on the pruned one. A
+    they are spread over (``stats.balance``) and sent to every rank, which runs the next
+    block on the pruned one (and keeps those of ``own``). A
     solve method (sparsegpt) solves each layer on one rank: ``_calibrate_and_solve``.
     ``blocks_from`` reads each block when a pass needs it (a streamed model, stream.py).
 
@@ -189,11 +190,12 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
                                       alloc.targets, blocks_from)
     elif mode == "sequential":
         groups = GroupsResult([])
-        names = {layer.name for layer in own}
-        owner = {name: rank for rank, part in enumerate(comm.all_gather_objects(sorted(names))) for name in part}
 
         def prune_block(_i: int, block_layers: list[PrunableLayer], st: dict) -> None:
-            mine_here = [layer for layer in block_layers if layer.name in names]
+            # the block's layers spread over all ranks (not the contiguous shards, which would
+            # leave every rank but one waiting), balanced by size like SparseGPT's solves
+            owner = stats.balance(block_layers, lambda rows, cols: rows * cols, comm.world_size)
+            mine_here = [layer for layer in block_layers if owner[layer.name] == comm.rank]
             part = prune(model, config, st, layers=mine_here, show_progress=False, targets=alloc.targets)
             groups.extend(part.groups)
             for layer in block_layers:  # the pruned weights, from each owner to every rank
@@ -203,6 +205,8 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
         stats.collect(model, layers, mine(), device, method.statistic(layers, comm), "sequential", prune_block,
                       batch_size, show_progress, blocks_from)
         elapsed = time.perf_counter() - t1 - sum(groups.seconds.values())
+        pruned = {r.name: r for part in comm.all_gather_objects(groups.layers) for r in part}
+        groups.layers = [pruned[layer.name] for layer in own]  # this rank reports (and saves) its shard
         result = PruneResult(config, groups, mode, "off", elapsed)
     else:
         found, hit, _ = dense_stats(method.statistic)
