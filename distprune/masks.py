@@ -107,11 +107,11 @@ def _prune_global(layers, score, sparsity, selector, comm, show, search) -> Grou
     sel = select(selector, stream, target_count(sparsity, n), n, comm, **search)
     t1 = time.perf_counter()
     budget = TieBudget(sel, comm)
+    # a zero weight scores 0 (scores.py): below a threshold > 0 it is pruned, so counted already
+    positive = sel.threshold is not None and float(sel.threshold) > 0
     results = []
     for layer in progress(layers, "mask", "layer", show):
         pruned = budget.prune_(layer.weight, score(layer))
-        # a zero weight scores 0 (scores.py), below a threshold > 0: pruned, so counted already
-        positive = sel.threshold is not None and float(sel.threshold) > 0
         zeros = pruned if positive else int(torch.count_nonzero(layer.weight == 0))
         results.append(LayerResult(layer.name, layer.numel, pruned, zeros, pruned, layer.block))
     seconds = {"score+select": t1 - t0, "mask": time.perf_counter() - t1}

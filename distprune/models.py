@@ -254,8 +254,7 @@ def load_streamed(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> 
     with stream.params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
-    streamed = stream.Streamed(model, reader, blocks, prefix)
+    streamed = stream.Streamed(model, reader, blocks, blocks_prefix(model))
     if not streamed.complete():
         log.info("%s: tensor names differ from the model's; loading it in full", directory)
         return None
@@ -273,9 +272,14 @@ def load_streamed(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> 
 def outside_keys(model: nn.Module) -> set[str]:
     """State-dict names outside the decoder blocks (embeddings, final norm, head): what a
     forward pass needs besides the block it runs."""
-    blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    prefix = blocks_prefix(model)
     return {k for k in model.state_dict() if not k.startswith(f"{prefix}.")}
+
+
+def blocks_prefix(model: nn.Module) -> str:
+    """The module name of the decoder blocks' list (model.layers, transformer.h, ...)."""
+    blocks = decoder_blocks(model)
+    return next(n for n, m in model.named_modules() if m is blocks)
 
 
 def shard_keys(model: nn.Module, include, exclude, rank: int, world_size: int) -> set[str]:

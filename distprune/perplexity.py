@@ -13,7 +13,7 @@ from torch import nn
 from distprune.dist import SINGLE, Comm, batch_share
 from distprune.models import decoder_blocks
 from distprune.progress import progress
-from distprune.stats import capture_block_inputs
+from distprune.stats import capture_block_inputs, run_block
 from distprune.stream import IN_MEMORY, InMemory, Streamed, move
 
 
@@ -104,11 +104,7 @@ def blockwise_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: in
         if before_block is not None:
             before_block(i)
         block.to(device)
-        outputs = []
-        for hidden, kwargs in inputs:
-            out = block(hidden, **kwargs)
-            as_tuple = isinstance(out, (tuple, list))
-            outputs.append((out[0] if as_tuple else out, kwargs))
+        outputs, as_tuple = run_block(block, inputs)
         block.to("cpu")
         blocks_from.release_block(i)
         inputs = outputs

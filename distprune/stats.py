@@ -156,12 +156,15 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     return captured
 
 
-def _run_block(block: nn.Module, inputs: list[tuple]) -> list[tuple]:
-    outputs = []
+def run_block(block: nn.Module, inputs: list[tuple]) -> tuple[list[tuple], bool]:
+    """The block's outputs [(hidden_states, kwargs)] for each batch of inputs, and whether
+    the block returns a tuple (the model's forward expects that format back)."""
+    outputs, as_tuple = [], False
     for hidden, kwargs in inputs:
         out = block(hidden, **kwargs)
-        outputs.append((out[0] if isinstance(out, (tuple, list)) else out, kwargs))
-    return outputs
+        as_tuple = isinstance(out, (tuple, list))
+        outputs.append((out[0] if as_tuple else out, kwargs))
+    return outputs, as_tuple
 
 
 @torch.no_grad()
@@ -194,7 +197,7 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
         handles = [layer.module.register_forward_hook(lambda _m, args, _out, lay=layer: accumulator.add(lay, args[0]))
                    for layer in mine]
         try:
-            outputs = _run_block(block, inputs)
+            outputs, _ = run_block(block, inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -202,7 +205,7 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
         if mine and on_block is not None:
             on_block(i, mine, block_stats)
             if mode == "sequential":
-                outputs = _run_block(block, inputs)  # block i's outputs with its pruned weights
+                outputs, _ = run_block(block, inputs)  # block i's outputs with its pruned weights
         del block_stats  # Hessians: never two blocks' at once
         block.to(home)
         blocks_from.release_block(i)
