@@ -15,7 +15,7 @@ from distprune.config import ConfigError, PruneConfig
 from distprune.dist import SINGLE, Comm, batch_share
 from distprune.masks import GroupsResult, LayerResult, prune_groups, write_solved
 from distprune.methods import METHODS
-from distprune.models import PrunableLayer, prunable_layers, weights_to
+from distprune.models import PrunableLayer, broadcast_weight, prunable_layers, weights_to
 from distprune.progress import progress
 from distprune.stream import IN_MEMORY, InMemory, Streamed
 
@@ -29,6 +29,7 @@ class PruneResult:
     stats_seconds: float = 0.0  # calibration forward passes (and cache I/O)
     solve: dict | None = None  # a solve method's per-layer details, seconds and bytes per rank
     allocation: allocate.Allocation | None = None  # the layers' targets (None: global scope)
+    tokens: dict[str, int] | None = None  # calibration tokens that reached each layer (experts: those routed to it)
 
     @property
     def numel(self) -> int:
@@ -63,9 +64,30 @@ class PruneResult:
             "normalize": self.config.normalize,
             **({"owl_m": self.config.owl_m, "owl_lambda": self.config.owl_lambda,
                 "block_sparsity": self.allocation.block_sparsity} if self.config.allocation == "owl" else {}),
-            "layers": [asdict(r) for r in self.groups.layers],
+            **self.weight_kinds(),
+            "layers": [{**asdict(r), **({"tokens": self.tokens[r.name]} if self.tokens and r.name in self.tokens
+                                        else {})} for r in self.groups.layers],
             **({"solve": self.solve} if self.solve is not None else {}),
         }
+
+    def weight_kinds(self) -> dict:
+        """Expert and other pruned weights counted apart (only for a model with experts):
+        totals, sparsity, and the expert matrices that no calibration token reached."""
+        kinds: dict[str, dict] = {}
+        for r in self.groups.layers:
+            k = kinds.setdefault("expert_weights" if r.expert is not None else "other_weights",
+                                 {"matrices": 0, "numel": 0, "zeros": 0})
+            k["matrices"] += 1
+            k["numel"] += r.numel
+            k["zeros"] += r.zeros
+        if "expert_weights" not in kinds:
+            return {}
+        for k in kinds.values():
+            k["sparsity"] = k["zeros"] / max(k["numel"], 1)
+        untouched = [r.name for r in self.groups.layers if r.expert is not None and self.tokens is not None
+                     and self.tokens.get(r.name) == 0]
+        kinds["expert_weights"]["without_tokens"] = untouched
+        return kinds
 
 
 def check_groups(layers: list[PrunableLayer], cfg: PruneConfig) -> None:
@@ -132,7 +154,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
                         cache_file: Path | None = None, cache_fields: dict | None = None,
                         comm: Comm = SINGLE, show_progress: bool = True,
                         own: list[PrunableLayer] | None = None,
-                        blocks_from: InMemory | Streamed = IN_MEMORY) -> PruneResult:
+                        blocks_from: InMemory | Streamed = IN_MEMORY, moe_policy: str = "routed") -> PruneResult:
     """Collect the method's statistics over the calibration windows (``windows()`` returns
     them, (samples, seqlen); not called on a cache hit) block by block on ``device``, and
     prune ``model`` in place with them.
@@ -150,6 +172,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     block on the pruned one (and keeps those of ``own``). A
     solve method (sparsegpt) solves each layer on one rank: ``_calibrate_and_solve``.
     ``blocks_from`` reads each block when a pass needs it (a streamed model, stream.py).
+    ``moe_policy``: which tokens an expert's statistics come from (routed, all; moe.py).
 
     Afterwards the weights of ``own`` are on ``device`` and the rest of the model is where it
     was (block-wise onloading never moves the whole model): move it before running it.
@@ -175,7 +198,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     def dense_stats(statistic) -> tuple[dict, str, float]:
         if statistic not in dense:
             dense[statistic] = _dense_statistics(model, statistic, layers, mine, device, batch_size, cache_file,
-                                                 cache_fields, comm, show_progress, blocks_from)
+                                                 cache_fields, comm, show_progress, blocks_from, moe_policy)
         return dense[statistic]
 
     alloc = None
@@ -187,7 +210,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
         allocate_seconds = time.perf_counter() - t1
     if method.solve is not None:
         result = _calibrate_and_solve(model, config, mine, device, layers, batch_size, comm, show_progress, own,
-                                      alloc.targets, blocks_from)
+                                      alloc.targets, blocks_from, moe_policy)
     elif mode == "sequential":
         groups = GroupsResult([])
 
@@ -199,21 +222,22 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
             part = prune(model, config, st, layers=mine_here, show_progress=False, targets=alloc.targets)
             groups.extend(part.groups)
             for layer in block_layers:  # the pruned weights, from each owner to every rank
-                comm.broadcast_(layer.module.weight.data, src=owner[layer.name])
+                broadcast_weight(comm, layer, owner[layer.name])
 
         t1 = time.perf_counter()
-        stats.collect(model, layers, mine(), device, method.statistic(layers, comm), "sequential", prune_block,
-                      batch_size, show_progress, blocks_from)
+        acc = method.statistic(layers, comm)
+        stats.collect(model, layers, mine(), device, acc, "sequential", prune_block, batch_size, show_progress,
+                      blocks_from, moe_policy)
         elapsed = time.perf_counter() - t1 - sum(groups.seconds.values())
         pruned = {r.name: r for part in comm.all_gather_objects(groups.layers) for r in part}
         groups.layers = [pruned[layer.name] for layer in own]  # this rank reports (and saves) its shard
-        result = PruneResult(config, groups, mode, "off", elapsed)
+        result = PruneResult(config, groups, mode, "off", elapsed, tokens=_tokens(acc.stats))
     else:
         found, hit, _ = dense_stats(method.statistic)
         weights_to(own, device)
         part = prune(model, config, found, comm=comm, layers=own, show_progress=show_progress,
                      targets=alloc.targets if alloc else None)
-        result = PruneResult(config, part.groups, mode, hit, 0.0, allocation=part.allocation)
+        result = PruneResult(config, part.groups, mode, hit, 0.0, allocation=part.allocation, tokens=_tokens(found))
     if dense:  # the dense statistics' time counts as statistics; their cache use is reported
         result.stats_seconds += sum(v[2] for v in dense.values())
         if result.stats_cache in (None, "off"):
@@ -230,8 +254,13 @@ def _scores(method, layer: PrunableLayer, statistics, cfg: PruneConfig) -> torch
     return method.score(layer.weight, statistics[layer.name] if method.calibrated else None, cfg).contiguous()
 
 
+def _tokens(statistics: dict[str, stats.LayerStats]) -> dict[str, int]:
+    """Calibration tokens that reached each layer."""
+    return {name: st.count for name, st in statistics.items()}
+
+
 def _dense_statistics(model, statistic, layers, windows, device, batch_size, cache_file, cache_fields, comm,
-                      show, blocks_from) -> tuple[dict, str, float]:
+                      show, blocks_from, moe_policy) -> tuple[dict, str, float]:
     """Statistics of the dense model for every layer (oneshot), from the cache when every
     rank has them there: (statistics, cache hit/miss/off, seconds)."""
     t0 = time.perf_counter()
@@ -242,7 +271,7 @@ def _dense_statistics(model, statistic, layers, windows, device, batch_size, cac
     if found is None:
         acc = statistic(layers, comm)
         stats.collect(model, layers, windows(), device, acc, batch_size=batch_size, show=show,
-                      blocks_from=blocks_from)
+                      blocks_from=blocks_from, moe_policy=moe_policy)
         found = acc.stats
         if cacheable and comm.is_main:
             stats.save(cache_file, found, cache_fields or {})
@@ -253,7 +282,7 @@ def _dense_statistics(model, statistic, layers, windows, device, batch_size, cac
 def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callable[[], torch.Tensor], device,
                          layers: list[PrunableLayer], batch_size: int, comm: Comm, show: bool,
                          own: list[PrunableLayer], targets: dict[str, int],
-                         blocks_from: InMemory | Streamed = IN_MEMORY) -> PruneResult:
+                         blocks_from: InMemory | Streamed = IN_MEMORY, moe_policy: str = "routed") -> PruneResult:
     """A solve method, block by block: each block's statistics are reduced onto the rank
     that owns each layer (balanced by solve cost), the owner solves it, and the new
     weights are broadcast to every rank (sequential mode runs the next block on them;
@@ -264,6 +293,7 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
     acc = method.statistic(layers, comm)
     solved: list[tuple[int, LayerResult]] = []  # (index in layers, result) of the layers this rank solved
     details: dict[str, dict] = {}
+    tokens: dict[str, int] = {}
     index = {layer.name: i for i, layer in enumerate(layers)}
     seconds, block_bytes, mark = 0.0, [], comm.bytes_communicated
 
@@ -275,13 +305,14 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
         solved.extend((index[r.name], r) for r in part.groups.layers)
         details.update({name: {**d, "rank": comm.rank} for name, d in part.solve["layers"].items()})
         seconds += time.perf_counter() - t0
+        tokens.update(acc.tokens)
         for layer in block_layers:  # the pruned weights, from each owner to every rank
-            comm.broadcast_(layer.module.weight.data, src=acc.owner[layer.name])
+            broadcast_weight(comm, layer, acc.owner[layer.name])
         block_bytes.append(comm.bytes_communicated - mark)  # this block's reduces and broadcasts
         mark = comm.bytes_communicated
 
     t0 = time.perf_counter()
-    stats.collect(model, layers, windows(), device, acc, mode, solve_block, batch_size, show, blocks_from)
+    stats.collect(model, layers, windows(), device, acc, mode, solve_block, batch_size, show, blocks_from, moe_policy)
     elapsed = time.perf_counter() - t0 - seconds
     everyone = [r for part in comm.all_gather_objects(solved) for r in part]
     names = {layer.name for layer in own}
@@ -296,4 +327,4 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
         "layers": {layer.name: merged[layer.name] for layer in layers},
     }
     groups = GroupsResult(results, seconds={"solve": seconds})
-    return PruneResult(config, groups, mode, "off", elapsed, solve)
+    return PruneResult(config, groups, mode, "off", elapsed, solve, tokens=tokens)

@@ -135,7 +135,7 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
         cache_file = models.cache_dir() / "stats" / f"{stats.cache_key(fields)}.safetensors"
     move(model, "cpu")
     return calibrate_and_prune(model, cfg.prune, windows, device, layers, cfg.calib.batch_size,
-                               cache_file, fields, comm, own=own, blocks_from=loaded.stream)
+                               cache_file, fields, comm, own=own, blocks_from=loaded.stream, moe_policy=cfg.calib.moe)
 
 
 def from_owners(parts: list[list[models.PrunableLayer]], comm: Comm) -> Callable[[int], None] | None:
@@ -150,7 +150,7 @@ def from_owners(parts: list[list[models.PrunableLayer]], comm: Comm) -> Callable
 
     def share(i: int) -> None:
         for layer, rank in by_block.get(i, []):
-            comm.broadcast_(layer.module.weight.data, src=rank)
+            models.broadcast_weight(comm, layer, rank)
 
     return share
 
@@ -186,7 +186,8 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
 
     with phase(seconds, "load"):
         loaded, how = load_model(cfg, comm, shared)
-        layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude)
+        coverage = models.Coverage()
+        layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude, coverage)
         parts = models.partition(layers, comm.world_size)
         models.check_context(loaded.model, windows_used(cfg))
         if how["mode"] != "reused":  # a reused model is restored from weights checked before
@@ -235,6 +236,16 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         log.info("mask: pruned %d of %d weights (%.4f, target %.4f) in %.2fs", result.pruned, result.numel,
                  summary["pruned_fraction"], cfg.prune.sparsity, seconds["mask"])
 
+    if "expert_weights" in summary:
+        ex, other = summary["expert_weights"], summary["other_weights"]
+        log.info("experts: %d matrices, %d of %d weights zero (%.4f); other layers %d of %d (%.4f); calib.moe=%s",
+                 ex["matrices"], ex["zeros"], ex["numel"], ex["sparsity"], other["zeros"], other["numel"],
+                 other["sparsity"], cfg.calib.moe)
+        if ex["without_tokens"]:
+            log.warning("experts: %d expert matrices saw no calibration token and were pruned by magnitude (first: "
+                        "%s); calib.moe=all sends every token to every expert", len(ex["without_tokens"]),
+                        ex["without_tokens"][0])
+
     varied = cfg.prune.allocation != "uniform" or cfg.prune.scope == "global"  # per-layer sparsity differs
     if varied:
         spread = [r["target"] / r["numel"] for r in summary["layers"]]
@@ -256,6 +267,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         "model_reused": how["mode"] == "reused",
         "load": how,
         "selection_bytes_per_rank": sent,  # statistics (a cache miss) and selection collectives
+        "weights": coverage.as_dict(),  # every parameter of the model, by what was done with it
         **summary,
         "perplexity": ppl or None,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
@@ -267,8 +279,10 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     with checkpoint.atomic_dir(out, comm, cfg.overwrite) as tmp:
         with phase(seconds, "save"):
             if cfg.save:
+                if comm.world_size > 1:
+                    models.share_split(parts, comm)
                 writer.write_checkpoint(tmp, loaded.model, loaded.tokenizer, cfg.max_shard_size,
-                                        [[layer.name for layer in part] for part in parts], comm, loaded.stream.read)
+                                        models.writer_parts(parts), comm, loaded.stream.read)
         if comm.is_main:
             checkpoint.write_report(tmp, report)
             if varied:

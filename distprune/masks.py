@@ -31,6 +31,7 @@ class LayerResult:
     zeros: int  # zeros in the weight afterwards (pruned or zero before)
     target: int  # weights it was to lose (its allocation; global scope: what the threshold took)
     block: int  # its decoder block
+    expert: int | None = None  # its expert's index in a fused experts tensor (moe.py)
 
 
 @dataclass
@@ -53,7 +54,8 @@ def _apply(layer: PrunableLayer, mask: torch.Tensor, target: int | None = None) 
     w.masked_fill_(mask, 0.0)  # +0.0, never -0.0
     pruned = int(torch.count_nonzero(mask))
     zeros = int(torch.count_nonzero(w == 0))  # faster than count_nonzero(w) on 16-bit weights
-    return LayerResult(layer.name, layer.numel, pruned, zeros, pruned if target is None else target, layer.block)
+    return LayerResult(layer.name, layer.numel, pruned, zeros, pruned if target is None else target, layer.block,
+                       layer.expert)
 
 
 def write_solved(layer: PrunableLayer, weight: torch.Tensor, mask: torch.Tensor, target: int) -> LayerResult:
@@ -113,6 +115,6 @@ def _prune_global(layers, score, sparsity, selector, comm, show, search) -> Grou
     for layer in progress(layers, "mask", "layer", show):
         pruned = budget.prune_(layer.weight, score(layer))
         zeros = pruned if positive else int(torch.count_nonzero(layer.weight == 0))
-        results.append(LayerResult(layer.name, layer.numel, pruned, zeros, pruned, layer.block))
+        results.append(LayerResult(layer.name, layer.numel, pruned, zeros, pruned, layer.block, layer.expert))
     seconds = {"score+select": t1 - t0, "mask": time.perf_counter() - t1}
     return GroupsResult(results, sel, sel.passes, seconds)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distprune import stream
+from distprune import moe, stream
 from distprune.errors import ConfigError
 from distprune.writer import write_checkpoint
 
@@ -39,27 +39,56 @@ BUILTIN = {
 
 @dataclass
 class PrunableLayer:
-    name: str  # full module name, e.g. model.layers.3.mlp.up_proj
-    module: nn.Module
+    """An (out, in) view of a weight tensor: an nn.Linear's or Conv1D's weight, or one
+    matrix of one expert inside a fused experts tensor (moe.py). Writes go to the model."""
+
+    name: str  # e.g. model.layers.3.mlp.up_proj, or model.layers.3.mlp.experts.5.down_proj
+    module: nn.Module  # the module that holds the tensor
     block: int  # index of its decoder block
-    transposed: bool  # Conv1D stores (in, out)
+    transposed: bool  # Conv1D stores (in, out), and GPT-OSS's experts (E, in, out)
+    key: str = ""  # state-dict name of the tensor (default: name + ".weight")
+    param: str = "weight"  # the module's attribute that holds it
+    expert: int | None = None  # index into a fused (E, ...) tensor
+    rows: slice | None = None  # the view's rows, when not all (a fused gate_up tensor holds gate and up)
+
+    def __post_init__(self) -> None:
+        self.key = self.key or f"{self.name}.weight"
+
+    @property
+    def tensor(self) -> nn.Parameter:
+        """The whole parameter the view cuts from."""
+        return getattr(self.module, self.param)
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight as (out_features, in_features): a view, writes go to the module."""
-        w = self.module.weight.data
-        return w.t() if self.transposed else w
+        w = self.tensor.data
+        w = w[self.expert] if self.expert is not None else w
+        w = w.t() if self.transposed else w
+        return w if self.rows is None else w[self.rows]
 
     @property
     def numel(self) -> int:
-        return self.module.weight.numel()
+        return self.weight.numel()
 
 
 def weights_to(layers: list[PrunableLayer], device) -> None:
     """Move these layers' weights, and nothing else, to device: pruning needs only them, and
-    the rest of the model may not fit there (or may be on the meta device: a shard load)."""
+    the rest of the model may not fit there (or may be on the meta device: a shard load).
+    A fused experts tensor moves whole."""
     for layer in layers:
-        layer.module.weight.data = layer.module.weight.data.to(device)
+        p = layer.tensor
+        p.data = p.data.to(device)
+
+
+def broadcast_weight(comm, layer: PrunableLayer, src: int) -> None:
+    """The layer's weight, from rank src to every rank (a strided expert view goes through
+    a contiguous copy)."""
+    w = layer.weight
+    if w.is_contiguous():
+        comm.broadcast_(w, src=src)
+    else:
+        w.copy_(comm.broadcast_(w.contiguous(), src=src))
 
 
 @dataclass
@@ -259,6 +288,7 @@ def load_streamed(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> 
         log.info("%s: tensor names differ from the model's; loading it in full", directory)
         return None
     read = streamed.keep(wanted(model))
+    model._weight_conversions = []  # the checkpoint holds the model's own names: write them back (writer.on_disk)
     gen = directory / "generation_config.json"
     if gen.is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
@@ -285,7 +315,32 @@ def blocks_prefix(model: nn.Module) -> str:
 def shard_keys(model: nn.Module, include, exclude, rank: int, world_size: int) -> set[str]:
     """State-dict names of the weights of a rank's layers."""
     layers = prunable_layers(model, include, exclude)
-    return {f"{layer.name}.weight" for layer in partition(layers, world_size)[rank]}
+    return {layer.key for layer in partition(layers, world_size)[rank]}
+
+
+def writer_parts(parts: list[list[PrunableLayer]]) -> list[list[str]]:
+    """The state-dict names each rank writes: its layers' tensors, a fused experts tensor
+    that several ranks' views cut from by the first of them (``share_split``)."""
+    seen: set[str] = set()
+    out = []
+    for part in parts:
+        out.append([layer.key for layer in part if not (layer.key in seen or seen.add(layer.key))])
+    return out
+
+
+def share_split(parts: list[list[PrunableLayer]], comm) -> None:
+    """Send the views of a fused tensor that several ranks own to the rank that writes it
+    (``writer_parts``); every rank takes part in each broadcast (a rank that does not hold
+    the tensor receives into scratch memory)."""
+    writer = {key: rank for rank, keys in enumerate(writer_parts(parts)) for key in keys}
+    for rank, part in enumerate(parts):
+        for layer in part:
+            if writer[layer.key] == rank:
+                continue
+            if layer.tensor.is_meta:
+                comm.broadcast_(torch.empty(layer.weight.shape, dtype=layer.weight.dtype), src=rank)
+            else:
+                broadcast_weight(comm, layer, rank)
 
 
 def _first_float_dtype(reader: stream.Reader) -> torch.dtype:
@@ -386,28 +441,94 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"no list of {count} decoder blocks found in {type(model).__name__}")
 
 
-def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str] = ()) -> list[PrunableLayer]:
-    """Linear and Conv1D layers inside the decoder blocks, in block then module order.
+def _admitted(names: list[str], include, exclude) -> bool:
+    """Whether prune.include / prune.exclude (fnmatch patterns) admit a weight known by any
+    of ``names`` (its module name, its tensor's name)."""
+    if include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude)
 
-    Embeddings, norms, biases and lm_head are never pruned. include/exclude are fnmatch
-    patterns on full module names.
+
+@dataclass
+class Coverage:
+    """Every parameter of the model, counted by what distprune does with it: the report's
+    totals cover the whole model."""
+
+    expert: int = 0  # weights in expert matrices that are pruned
+    dense: int = 0  # weights in other pruned matrices (attention, dense and shared-expert MLPs)
+    excluded: int = 0  # matrices that prune.include / prune.exclude leave out
+    router: int = 0  # routers and shared-expert gates (never pruned)
+    vector: int = 0  # norms, biases and other 1-D parameters (never pruned)
+    outside: int = 0  # embeddings, final norm, head: outside the decoder blocks (never pruned)
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "model": sum(self.__dict__.values())}
+
+
+def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str] = (),
+                    coverage: Coverage | None = None) -> list[PrunableLayer]:
+    """The (out, in) weight views inside the decoder blocks, in block then module order:
+    every nn.Linear and Conv1D, and the gate, up and down matrix of every expert of a fused
+    experts module (moe.py).
+
+    Never pruned: embeddings, lm_head and everything else outside the blocks, 1-D tensors
+    (norms, biases), expert biases, routers and shared-expert gates. include/exclude are
+    fnmatch patterns on layer names (and tensor names). Any other tensor of 2+ dimensions
+    in a block is one distprune does not know how to prune: ConfigError naming it, never a
+    silent skip. ``coverage`` receives the counts of every parameter.
     """
     from transformers.pytorch_utils import Conv1D
 
+    cov = coverage if coverage is not None else Coverage()
     blocks = decoder_blocks(model)
-    block_of = {id(b): i for i, b in enumerate(blocks)}
     names = {id(m): n for n, m in model.named_modules()}
+    inside: set[int] = set()
     layers = []
-    for block in blocks:
+    for i, block in enumerate(blocks):
+        routers = {id(m) for _, parent in block.named_modules() for child, m in parent.named_children()
+                   if moe.is_router(parent, child)}
+        handled: set[int] = set()  # parameters that are pruned, excluded or never pruned
         for _, module in block.named_modules():
-            if not isinstance(module, (nn.Linear, Conv1D)):
-                continue
             name = names[id(module)]
-            if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            if id(module) in routers:
+                for p in module.parameters():
+                    if id(p) not in handled:
+                        handled.add(id(p))
+                        cov.router += p.numel()
+            elif isinstance(module, (nn.Linear, Conv1D)):
+                handled.add(id(module.weight))
+                layer = PrunableLayer(name, module, i, isinstance(module, Conv1D))
+                if _admitted([name, layer.key], include, exclude):
+                    layers.append(layer)
+                    cov.dense += layer.numel
+                else:
+                    cov.excluded += layer.numel
+            elif moe.is_experts(module):
+                for param in ("gate_up_proj", "down_proj"):
+                    handled.add(id(getattr(module, param)))
+                for e in range(moe.num_experts(module)):
+                    for matrix in moe.MATRICES:
+                        param, transposed, rows = moe.view_spec(module, matrix)
+                        layer = PrunableLayer(f"{name}.{e}.{matrix}", module, i, transposed, f"{name}.{param}", param,
+                                              e, rows)
+                        if _admitted([layer.name, layer.key], include, exclude):
+                            layers.append(layer)
+                            cov.expert += layer.numel
+                        else:
+                            cov.excluded += layer.numel
+        for pname, p in block.named_parameters(prefix=names[id(block)]):
+            inside.add(id(p))
+            if id(p) in handled:
                 continue
-            if any(fnmatch.fnmatchcase(name, p) for p in exclude):
-                continue
-            layers.append(PrunableLayer(name, module, block_of[id(block)], isinstance(module, Conv1D)))
+            if p.dim() < 2 or pname.endswith("bias"):
+                cov.vector += p.numel()
+            elif _admitted([pname, pname.rsplit(".", 1)[0]], include, exclude):
+                pattern = re.sub(r"\.\d+\.", ".*.", pname, count=1)
+                raise ConfigError(f"{pname} (shape {tuple(p.shape)}) is a weight distprune cannot prune and that is "
+                                  f"on no never-prune list; leave it out with prune.exclude=[\"{pattern}\"]")
+            else:
+                cov.excluded += p.numel()
+    cov.outside += sum(p.numel() for p in model.parameters() if id(p) not in inside)
     if not layers:
         raise ConfigError("no prunable layers match prune.include / prune.exclude")
     return layers

@@ -104,7 +104,7 @@ def blockwise_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: in
         if before_block is not None:
             before_block(i)
         block.to(device)
-        outputs, as_tuple = run_block(block, inputs)
+        outputs, as_tuple = run_block(block, inputs, i)
         block.to("cpu")
         blocks_from.release_block(i)
         inputs = outputs

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distprune import moe
 from distprune.dist import SINGLE, Comm
 from distprune.models import PrunableLayer, decoder_blocks
 from distprune.progress import progress
@@ -50,8 +51,12 @@ class LayerStats:
         return cls(norms * norms, torch.zeros_like(norms), 1)
 
     def norm(self) -> torch.Tensor:
-        """Wanda's per-input-channel activation norm, sqrt(sumsq / count), float64."""
-        return (self.sumsq / max(self.count, 1)).sqrt()
+        """Wanda's per-input-channel activation norm, sqrt(sumsq / count), float64. A layer
+        that saw no tokens (an expert no calibration token was routed to) gets ones: its
+        scores are its magnitudes."""
+        if self.count == 0:
+            return torch.ones_like(self.sumsq)
+        return (self.sumsq / self.count).sqrt()
 
 
 def batch_stats(x: torch.Tensor) -> torch.Tensor:
@@ -115,53 +120,81 @@ class ChannelSums:
 
 
 class _Stop(Exception):
-    """Raised by the block-0 pre-hook once its inputs are captured."""
+    """Raised by the last block's stand-in once every block's inputs are captured."""
 
 
-def _to(obj: Any, device) -> Any:
-    """Move the tensors inside (nested) tuples, lists and dicts to device."""
+def _to(obj: Any, device, memo: dict[int, torch.Tensor]) -> Any:
+    """Move the tensors inside (nested) tuples, lists and dicts to device; a tensor seen
+    before (one mask handed to many blocks) is moved once."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
+
+
+class _Record(nn.Module):
+    """Stands in for decoder block j while block inputs are captured: keeps the keyword
+    arguments the model gives it and passes its input through (the last one stops the
+    forward). Other attributes the model reads (attention_type) are the block's."""
+
+    def __init__(self, block: nn.Module, j: int, last: bool, seen: list) -> None:
+        super().__init__()
+        self.__dict__.update(_block=block, _j=j, _last=last, _seen=seen)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past")}
+        self._seen.append((hidden, kwargs))
+        if self._last:
+            raise _Stop
+        return hidden
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, device) -> list[tuple]:
-    """Run the model up to its first decoder block for each batch of windows, and keep
-    what that block receives: [(hidden_states, kwargs)] on device. The kwargs (attention
-    mask, rotary position embeddings, position ids) are what every block receives."""
-    block0 = decoder_blocks(model)[0]
+    """Run the model's forward with every decoder block replaced by a stand-in, for each
+    batch of windows, and keep what the blocks receive: [(hidden_states of block 0, [kwargs
+    of block j for each j])] on device. The kwargs (attention mask, rotary position
+    embeddings, position ids) may differ by block: sliding-window and full-attention
+    blocks get different masks (GPT-OSS, Gemma)."""
+    blocks = decoder_blocks(model)
+    originals = list(blocks)
     captured = []
-
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past")}
-        captured.append((_to(hidden, device), _to(kwargs, device)))
-        raise _Stop
-
-    handle = block0.register_forward_pre_hook(grab, with_kwargs=True)
-    model_device = next(model.parameters()).device
+    model_device = next(p.device for p in model.parameters() if not p.is_meta)
     try:
         for start in range(0, windows.shape[0], batch_size):
+            seen: list = []
+            for j, block in enumerate(originals):
+                blocks[j] = _Record(block, j, j == len(originals) - 1, seen)
             try:
                 model(input_ids=windows[start:start + batch_size].to(model_device), use_cache=False)
             except _Stop:
                 pass
+            memo: dict[int, torch.Tensor] = {}
+            captured.append((_to(seen[0][0], device, memo), [_to(kw, device, memo) for _, kw in seen]))
     finally:
-        handle.remove()
+        for j, block in enumerate(originals):
+            blocks[j] = block
     return captured
 
 
-def run_block(block: nn.Module, inputs: list[tuple]) -> tuple[list[tuple], bool]:
-    """The block's outputs [(hidden_states, kwargs)] for each batch of inputs, and whether
-    the block returns a tuple (the model's forward expects that format back)."""
+def run_block(block: nn.Module, inputs: list[tuple], i: int) -> tuple[list[tuple], bool]:
+    """Block i's outputs [(hidden_states, kwargs of every block)] for each batch of inputs,
+    and whether the block returns a tuple (the model's forward expects that format back)."""
     outputs, as_tuple = [], False
     for hidden, kwargs in inputs:
-        out = block(hidden, **kwargs)
+        out = block(hidden, **kwargs[i])
         as_tuple = isinstance(out, (tuple, list))
         outputs.append((out[0] if as_tuple else out, kwargs))
     return outputs, as_tuple
@@ -170,14 +203,16 @@ def run_block(block: nn.Module, inputs: list[tuple]) -> tuple[list[tuple], bool]
 @torch.no_grad()
 def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor, device, accumulator,
             mode: str = "oneshot", on_block: Callable[[int, list[PrunableLayer], dict], None] | None = None,
-            batch_size: int = 8, show: bool = True, blocks_from: InMemory | Streamed = IN_MEMORY) -> None:
+            batch_size: int = 8, show: bool = True, blocks_from: InMemory | Streamed = IN_MEMORY,
+            moe_policy: str = "routed") -> None:
     """Feed the inputs of ``layers`` over ``windows`` (samples, seqlen) to ``accumulator``,
     one decoder block on ``device`` at a time; ``on_block(i, block_layers, statistics)``
     receives each block's reduced statistics as soon as they are complete. In sequential
     mode it prunes block i, and block i's outputs are recomputed before they feed block
     i+1. With several ranks, each passes its share of the windows in whole batches
     (``dist.batch_share``); the accumulator reduces over ranks. ``blocks_from`` reads each
-    block before it runs and drops it after (a streamed model, stream.py)."""
+    block before it runs and drops it after (a streamed model, stream.py). ``moe_policy``:
+    which tokens an expert's statistics come from (moe.py)."""
     if mode not in ("oneshot", "sequential"):
         raise ValueError(f"unknown calibration mode {mode!r}")
     blocks = decoder_blocks(model)
@@ -194,10 +229,9 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
         block.to(device)
         mine = by_block.get(i, [])
         accumulator.start_block(mine)
-        handles = [layer.module.register_forward_hook(lambda _m, args, _out, lay=layer: accumulator.add(lay, args[0]))
-                   for layer in mine]
+        handles = _hooks(mine, accumulator, moe_policy)
         try:
-            outputs, _ = run_block(block, inputs)
+            outputs, _ = run_block(block, inputs, i)
         finally:
             for h in handles:
                 h.remove()
@@ -205,11 +239,36 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
         if mine and on_block is not None:
             on_block(i, mine, block_stats)
             if mode == "sequential":
-                outputs, _ = run_block(block, inputs)  # block i's outputs with its pruned weights
+                outputs, _ = run_block(block, inputs, i)  # block i's outputs with its pruned weights
         del block_stats  # Hessians: never two blocks' at once
         block.to(home)
         blocks_from.release_block(i)
         inputs = outputs
+
+
+def _hooks(layers: list[PrunableLayer], accumulator, moe_policy: str) -> list:
+    """Forward hooks that hand each layer's input to the accumulator, every batch: an
+    nn.Linear's hook on itself; an experts module's one hook, which gives every expert view
+    the inputs of its expert (moe.expert_inputs; gate and up get one tensor, which the
+    Hessians share)."""
+    handles, experts = [], {}
+    for layer in layers:
+        if layer.expert is None:
+            handles.append(layer.module.register_forward_hook(
+                lambda _m, args, _out, lay=layer: accumulator.add(lay, args[0])))
+        else:
+            experts.setdefault(layer.module, {})[(layer.expert, layer.name.rsplit(".", 1)[1])] = layer
+
+    def tap(module, args, kwargs, _out, views) -> None:
+        for e, x, h in moe.expert_inputs(module, (*args, *kwargs.values()), moe_policy):
+            for matrix, inputs in (("gate_proj", x), ("up_proj", x), ("down_proj", h)):
+                if (e, matrix) in views:
+                    accumulator.add(views[(e, matrix)], inputs)
+
+    for module, views in experts.items():
+        handles.append(module.register_forward_hook(
+            lambda m, args, kwargs, out, views=views: tap(m, args, kwargs, out, views), with_kwargs=True))
+    return handles
 
 
 def cache_key(fields: dict) -> str:
@@ -282,11 +341,12 @@ class Hessians:
         self._sums: dict[str, torch.Tensor] = {}  # leader layer -> float64 (in, in) sum
         self._leader: dict[str, str] = {}  # layer -> the layer whose sum it shares
         self._last: tuple[torch.Tensor, str] | None = None
-        self._tokens = 0
+        self._tokens: dict[str, int] = {}  # leader layer -> tokens of its input on this rank
+        self.tokens: dict[str, int] = {}  # layer -> tokens of its input over all ranks (last finished block)
 
     def start_block(self, layers: list[PrunableLayer]) -> None:
         self.owner = balance(layers, self.cost, self.comm.world_size)
-        self._sums, self._leader, self._last, self._tokens = {}, {}, None, 0
+        self._sums, self._leader, self._last, self._tokens = {}, {}, None, {}
         self._layers = layers
         self._order = [layer.name for layer in layers]
 
@@ -300,8 +360,7 @@ class Hessians:
         if shared:
             return
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        if layer.name == self._order[0]:
-            self._tokens += x.shape[0]
+        self._tokens[layer.name] = self._tokens.get(layer.name, 0) + x.shape[0]
         part = (x.t() @ x).double()
         if layer.name in self._sums:
             self._sums[layer.name] += part
@@ -312,15 +371,15 @@ class Hessians:
         """H of each layer of the block that this rank owns (float64, on the device the
         inputs were on); the other ranks' sums are reduced onto it."""
         comm = self.comm
-        tokens = int(comm.all_reduce_sum(torch.tensor([self._tokens], dtype=torch.int64)))
         # rank 0's sharing, on every rank: a rank without calibration batches saw no inputs
         leaders = comm.all_gather_objects(self._leader)[0] if comm.world_size > 1 else self._leader
-        out = {}
-        for layer in self._layers:
+        heads = [layer for layer in self._layers if leaders.get(layer.name) == layer.name]
+        counts = comm.all_reduce_sum(torch.tensor([self._tokens.get(h.name, 0) for h in heads], dtype=torch.int64))
+        out, self.tokens = {}, {}
+        for layer, tokens in zip(heads, counts.tolist(), strict=True):
             leader = layer.name
-            if leaders.get(leader) != leader:
-                continue
             members = [n for n in self._order if leaders.get(n) == leader]
+            self.tokens.update({n: tokens for n in members})
             dsts = sorted({self.owner[n] for n in members})
             cols = layer.weight.shape[1]
             total = self._sums.pop(leader, None)
@@ -330,7 +389,7 @@ class Hessians:
                 buf = total if j == len(dsts) - 1 else total.clone()
                 comm.reduce_sum_(buf, dst)
                 if dst == comm.rank:
-                    h = buf.mul_(2.0 / max(tokens, 1))
+                    h = buf.mul_(2.0 / tokens) if tokens else buf.fill_diagonal_(1.0)  # no tokens: magnitude
                     if not bool(torch.isfinite(h).all()):
                         raise NonFiniteScoreError(f"non-finite (NaN or Inf) Hessian at the input of layer {leader}: "
                                                   "the activations reaching it overflow")

@@ -55,12 +55,12 @@ class SweepModels:
                     self.loaded.stream.reload()
                 else:
                     for layer in prunable_layers(model):
-                        layer.module.weight.copy_(self.dense[layer.name])
+                        layer.weight.copy_(self.dense[layer.name])
             return self.loaded, {"mode": "reused"}
         self.key, self.loaded, self.dense = None, None, {}  # free the previous model first
         loaded, loaded_how = load()
         if not loaded.stream.streamed:
-            self.dense = {layer.name: layer.module.weight.detach().clone() for layer in prunable_layers(loaded.model)}
+            self.dense = {layer.name: layer.weight.clone() for layer in prunable_layers(loaded.model)}
         self.key, self.loaded = key, loaded
         return loaded, loaded_how
 

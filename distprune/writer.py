@@ -49,13 +49,14 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def shard_plan(state: dict[str, torch.Tensor], parts: list[list[str]], max_shard_size: str
                ) -> list[tuple[int, list[str]]]:
     """[(rank, tensor names)] per output file, the same on every rank: rank r writes the
-    prunable weights it owns (parts[r], module names); rank 0 also writes every other
-    tensor. Files never exceed max_shard_size unless one tensor does."""
+    tensors of the prunable weights it owns (parts[r], state-dict names, each in one part);
+    rank 0 also writes every other tensor. Files never exceed max_shard_size unless one
+    tensor does."""
     limit = _size_bytes(max_shard_size)
-    owned = {f"{name}.weight" for part in parts for name in part}
+    owned = {key for part in parts for key in part}
     plan = []
     for rank, part in enumerate(parts):
-        keys = [f"{name}.weight" for name in part]
+        keys = list(part)
         if rank == 0:
             keys = [k for k in state if k not in owned] + keys
         chunk, size = [], 0
@@ -71,14 +72,29 @@ def shard_plan(state: dict[str, torch.Tensor], parts: list[list[str]], max_shard
     return plan
 
 
+def on_disk(model: nn.Module, key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors that hold the model's tensor ``key`` in the layout its checkpoint came in:
+    transformers' own reverse conversion (``revert_weight_conversion``, what save_pretrained
+    does). A fused experts tensor of a model loaded from per-expert files goes back to
+    per-expert tensors (Mixtral: ``block_sparse_moe.experts.{e}.w1.weight``); a model whose
+    checkpoint held its own names (``_weight_conversions`` empty) keeps them; a model built
+    from a config gets transformers' default (original) layout."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    if getattr(model, "_weight_conversions", None) == []:  # loaded from its own names: nothing to revert
+        return {key: t}
+    return revert_weight_conversion(model, {key: t})
+
+
 def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_size: str,
                      parts: list[list[str]] | None = None, comm: Comm = SINGLE,
                      read: Callable[[str], torch.Tensor] | None = None) -> None:
     """A Hugging Face checkpoint written by all ranks at once: each rank writes the
-    safetensors files of its own layers; rank 0 writes the other tensors, the index,
-    config, generation config and tokenizer. A tensor this rank holds on the meta device
-    (a streamed model, never pruned) is ``read(name)`` from the input checkpoint, one
-    output file at a time."""
+    safetensors files of the tensors of its own layers (``parts``: state-dict names per
+    rank); rank 0 writes the other tensors, the index, config, generation config and
+    tokenizer. Names and layout are the input checkpoint's (``on_disk``). A tensor this rank
+    holds on the meta device (a streamed model, never pruned) is ``read(name)`` from the
+    input checkpoint, one output file at a time."""
     parts = parts if parts is not None else [[]]
     state = unique_state_dict(model)
     plan = shard_plan(state, parts, max_shard_size)
@@ -86,14 +102,18 @@ def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_siz
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     for (rank, keys), name in zip(plan, names, strict=True):
         if rank == comm.rank:
-            save_file({k: (read(k) if state[k].is_meta else state[k].detach()).contiguous().cpu() for k in keys},
-                      directory / name, metadata={"format": "pt"})
+            tensors = {}
+            for k in keys:
+                tensors.update(on_disk(model, k, read(k) if state[k].is_meta else state[k].detach()))
+            save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, directory / name,
+                      metadata={"format": "pt"})
             os.chmod(directory / name, 0o666 & ~UMASK)  # safetensors creates 0600; the JSON files get the umask
     if not comm.is_main:
         return
     if len(plan) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {k: name for (_, keys), name in zip(plan, names, strict=True) for k in keys}}
+                 "weight_map": {k: name for (_, keys), name in zip(plan, names, strict=True) for key in keys
+                                for k in on_disk(model, key, torch.empty_like(state[key], device="meta"))}}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     model.config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:

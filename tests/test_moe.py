@@ -1,0 +1,251 @@
+"""Mixtures of experts: fused expert tensors pruned as per-expert views, with the inputs
+each expert sees, written back in the checkpoint's own layout, on every family."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from distprune import moe, stats
+from distprune.api import calibrate_and_prune
+from distprune.config import ConfigError, ModelConfig, PruneConfig
+from distprune.models import Coverage, load, prunable_layers
+from distprune.select import rows_mask
+from distprune.writer import write_checkpoint
+
+BASE = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, max_position_embeddings=256)
+FAMILIES = {
+    "mixtral": dict(model_type="mixtral", intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(model_type="qwen2_moe", intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                      num_experts_per_tok=2, shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(model_type="qwen3_moe", intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                      num_experts_per_tok=2),
+    "olmoe": dict(model_type="olmoe", intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                  eos_token_id=1, pad_token_id=0),
+    "gpt_oss": dict(model_type="gpt_oss", intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                    layer_types=["full_attention", "sliding_attention"], sliding_window=16),
+    "deepseek_v3": dict(model_type="deepseek_v3", intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                        num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_shared_experts=1,
+                        num_key_value_heads=4),
+}
+
+
+def family(name: str, dtype: str = "float32") -> ModelConfig:
+    return ModelConfig(name=f"tiny-{name}", random={**BASE, **FAMILIES[name]}, seed=0, dtype=dtype)
+
+
+def windows(n: int = 8, seqlen: int = 32) -> torch.Tensor:
+    return torch.randint(0, BASE["vocab_size"], (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_expert_views_tile_every_fused_tensor_and_routers_stay_out(name):
+    model = load(family(name)).model
+    cov = Coverage()
+    layers = prunable_layers(model, coverage=cov)
+    assert cov.as_dict()["model"] == sum(p.numel() for p in model.parameters())  # every parameter counted
+    experts = [layer for layer in layers if layer.expert is not None]
+    assert experts and cov.expert == sum(layer.numel for layer in experts)
+    fused = {id(layer.tensor): layer.tensor for layer in experts}
+    with torch.no_grad():
+        for t in fused.values():
+            t.zero_()
+        for i, layer in enumerate(experts):  # each view gets its own value; together they cover each tensor once
+            layer.weight.add_(i + 1)
+    for layer in experts:
+        assert bool((layer.weight == experts.index(layer) + 1).all())
+        out, inp = layer.weight.shape
+        module = layer.module
+        hidden = model.config.hidden_size
+        assert (out, inp) == ((hidden, module.down_proj.shape[1 if module.is_transposed else 2])
+                              if layer.name.endswith("down_proj") else (layer.weight.shape[0], hidden))
+    assert all(bool((t != 0).all()) for t in fused.values())
+    names = {layer.name for layer in layers}
+    assert not any(n.endswith((".gate", ".router", "shared_expert_gate")) for n in names)
+    assert cov.router > 0
+
+
+class ExpertInputs(TorchFunctionMode):
+    """The inputs transformers' own eager experts forward gives each expert's matrices:
+    every linear / matmul whose weight is a slice of a fused experts tensor."""
+
+    def __init__(self, fused: dict[int, str]) -> None:
+        super().__init__()
+        self.fused, self.seen = fused, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in ("linear", "matmul", "__matmul__"):
+            w = args[1]
+            base = w._base if w._base is not None else w
+            if id(base) in self.fused:
+                e = w.storage_offset() // base[0].numel()
+                self.seen.setdefault((self.fused[id(base)], e), []).append(args[0].detach().double())
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("policy", ["routed", "all"])
+def test_expert_statistics_are_the_inputs_each_expert_sees(name, policy):
+    """Routed: an expert's gate/up statistics are those of the tokens transformers routes to
+    it, its down's those of act(gate) * up of them (GPT-OSS: clamped, interleaved, biased).
+    All: every token, through every expert."""
+    model = load(family(name)).model.eval()
+    model.config._experts_implementation = "eager"
+    layers = prunable_layers(model)
+    acc = stats.ChannelSums(layers)
+    stats.collect(model, layers, windows(), "cpu", acc, batch_size=4, show=False, moe_policy=policy)
+    experts = [layer for layer in layers if layer.expert is not None]
+    params = {id(layer.tensor): layer.key for layer in experts}
+    mode = ExpertInputs(params)
+    with mode, torch.no_grad():
+        for batch in windows().split(4):  # the batches collect runs: routing near a tie is the same
+            model(batch)
+    tokens = windows().numel()
+    for layer in experts:
+        st = acc.stats[layer.name]
+        if policy == "all":
+            assert st.count == tokens
+            continue
+        seen = mode.seen.get((layer.key, layer.expert), [])
+        x = torch.cat(seen) if seen else torch.zeros(0, layer.weight.shape[1], dtype=torch.float64)
+        assert st.count == x.shape[0]
+        torch.testing.assert_close(st.sumsq, (x * x).sum(0), rtol=1e-5, atol=1e-6)
+    routed = sum(acc.stats[layer.name].count for layer in experts if layer.name.endswith("down_proj"))
+    if policy == "routed":  # every token reaches top_k experts of each MoE block
+        blocks = len({layer.block for layer in experts})
+        assert routed == tokens * model.config.num_experts_per_tok * blocks
+
+
+def _run(name: str, prune: dict, policy: str = "routed", dtype: str = "float32"):
+    loaded = load(family(name, dtype))
+    cfg = PruneConfig(**prune)
+    result = calibrate_and_prune(loaded.model, cfg, windows, "cpu", batch_size=4, show_progress=False,
+                                 moe_policy=policy)
+    return loaded, result
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_prunes_every_expert_saves_in_its_layout_and_reloads(tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    loaded, result = _run(name, dict(method="wanda", scope="row", sparsity=0.5))
+    model = loaded.model
+    routers = {n: p.clone() for n, p in model.named_parameters() if n.endswith((".gate.weight", "router.weight"))}
+    experts = [layer for layer in prunable_layers(model) if layer.expert is not None]
+    for layer in experts:  # each row of every expert matrix at 50%
+        rows = (layer.weight == 0).sum(1)
+        assert bool((rows == layer.weight.shape[1] // 2).all()), layer.name
+    kinds = result.weight_kinds()
+    assert kinds["expert_weights"]["sparsity"] == 0.5 and kinds["other_weights"]["sparsity"] == 0.5
+    write_checkpoint(tmp_path, model, None, "5GB")
+    saved = set(json.loads((tmp_path / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (tmp_path / "model.safetensors").read_bytes()[:8], "little")]).keys()) - {"__metadata__"}
+    if name == "mixtral":  # the original per-expert layout that from_pretrained converts
+        assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in saved
+    elif name != "gpt_oss":
+        assert any(".experts.3.gate_proj.weight" in k for k in saved)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for n, p in reloaded.named_parameters():
+        assert torch.equal(p, model.get_parameter(n)), n
+    for n, p in routers.items():
+        assert torch.equal(reloaded.get_parameter(n), p)  # routers dense and untouched
+    with torch.no_grad():
+        assert torch.equal(reloaded(windows(2)).logits, model(windows(2)).logits)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_sparsegpt_2of4_inside_every_expert(name):
+    loaded, result = _run(name, dict(method="sparsegpt", scope="nm", sparsity=0.5, m=4))
+    for layer in prunable_layers(loaded.model):
+        groups = (layer.weight.reshape(-1, 4) == 0).sum(1)
+        assert bool((groups == 2).all()), layer.name
+        assert bool(torch.isfinite(layer.weight).all())
+
+
+def _starve(model):
+    """Route every token to experts 0 and 1: experts 2 and 3 see none."""
+    for block in model.model.layers:
+        gate = block.mlp.gate
+
+        def fixed(h, gate=gate):
+            logits, scores, index = type(gate).forward(gate, h)
+            return logits, torch.full_like(scores, 0.5), torch.tensor([0, 1]).expand_as(index)
+
+        gate.forward = fixed
+    return model
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_an_expert_without_tokens_is_pruned_by_magnitude(method):
+    """calib.moe=routed: an expert no token reaches is pruned by magnitude (its kept weights
+    unchanged), reported, and never NaN."""
+    model = _starve(load(family("mixtral")).model)
+    dense = {layer.name: layer.weight.clone() for layer in prunable_layers(model)}
+    cfg = PruneConfig(method=method, scope="row", sparsity=0.5)
+    result = calibrate_and_prune(model, cfg, windows, "cpu", batch_size=4, show_progress=False)
+    empty = sorted(n for n, c in result.tokens.items() if c == 0)
+    assert empty == sorted(f"model.layers.{b}.mlp.experts.{e}.{m}" for b in (0, 1) for e in (2, 3)
+                           for m in moe.MATRICES)
+    assert sorted(result.weight_kinds()["expert_weights"]["without_tokens"]) == empty
+    for layer in prunable_layers(model):
+        assert bool(torch.isfinite(layer.weight).all())
+        if layer.name in empty:
+            w = dense[layer.name]
+            expect = rows_mask(w.abs().float().contiguous(), w.numel() // 2)
+            assert torch.equal(layer.weight == 0, expect)
+            assert torch.equal(layer.weight[~expect], w[~expect])
+
+
+def test_calib_moe_all_sends_every_token_to_every_expert():
+    model = _starve(load(family("mixtral")).model)
+    result = calibrate_and_prune(model, PruneConfig(method="wanda"), windows, "cpu", batch_size=4,
+                                 show_progress=False, moe_policy="all")
+    assert set(result.tokens.values()) == {windows().numel()}
+    assert result.weight_kinds()["expert_weights"]["without_tokens"] == []
+
+
+def test_a_weight_distprune_cannot_prune_is_an_error_naming_it():
+    model = load(family("mixtral")).model
+    model.model.layers[1].mlp.extra = torch.nn.Parameter(torch.ones(2, 3, 4))
+    with pytest.raises(ConfigError, match=r"model\.layers\.1\.mlp\.extra \(shape \(2, 3, 4\)\).*prune\.exclude="
+                                          r"\[\"model\.layers\.\*\.mlp\.extra\"\]"):
+        prunable_layers(model)
+    cov = Coverage()
+    layers = prunable_layers(model, exclude=["model.layers.*.mlp.extra"], coverage=cov)
+    assert cov.excluded == 24 and sum(layer.expert is not None for layer in layers) == 24
+
+
+def test_an_experts_layout_distprune_does_not_know_exits_2_with_one_line(tmp_path):
+    """NemotronH's experts have no gate (up_proj and down_proj only): never a silent skip."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("nemotron_h", vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                  layers_block_type=["moe", "attention"], num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, n_group=1,
+                                  topk_group=1, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "nemotron")
+    proc = subprocess.run([sys.executable, "-m", "distprune", "model=hf", f"model.path={tmp_path / 'nemotron'}",
+                           "prune=magnitude", f"output_dir={tmp_path / 'out'}", "device=cpu"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(lines) == 1 and "model.layers.0.mixer.experts.up_proj (shape (4, 16, 32))" in lines[0], proc.stderr
+    assert 'prune.exclude=["model.layers.*.mixer.experts.up_proj"]' in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_router_and_view_names():
+    model = load(family("qwen2_moe")).model
+    block = model.model.layers[0].mlp
+    assert moe.is_router(block, "gate") and moe.is_router(block, "shared_expert_gate")
+    assert moe.is_experts(block.experts) and not moe.is_experts(block.shared_expert)
+    names = [layer.name for layer in prunable_layers(model)]
+    assert "model.layers.0.mlp.shared_expert.down_proj" in names  # shared experts: ordinary MLPs
+    assert "model.layers.0.mlp.experts.3.down_proj" in names
