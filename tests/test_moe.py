@@ -2,6 +2,7 @@
 each expert sees, written back in the checkpoint's own layout, on every family."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -161,7 +162,7 @@ def test_every_family_prunes_every_expert_saves_in_its_layout_and_reloads(tmp_pa
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "deepseek_v3"])
 def test_sparsegpt_2of4_inside_every_expert(name):
-    loaded, result = _run(name, dict(method="sparsegpt", scope="nm", sparsity=0.5, m=4))
+    loaded, _ = _run(name, dict(method="sparsegpt", scope="nm", sparsity=0.5, m=4))
     for layer in prunable_layers(loaded.model):
         groups = (layer.weight.reshape(-1, 4) == 0).sum(1)
         assert bool((groups == 2).all()), layer.name
@@ -249,3 +250,78 @@ def test_router_and_view_names():
     names = [layer.name for layer in prunable_layers(model)]
     assert "model.layers.0.mlp.shared_expert.down_proj" in names  # shared experts: ordinary MLPs
     assert "model.layers.0.mlp.experts.3.down_proj" in names
+
+
+@pytest.fixture(scope="module")
+def rank_runs(tmp_path_factory):
+    """A Mixtral checkpoint in its original per-expert layout, pruned by one process and by
+    2 and 3 torchrun ranks (wanda and sparsegpt, row and 2:4, sequential; one sweep each).
+    With 3 ranks a fused experts tensor is cut between two ranks (one writes it)."""
+    from conftest import make_text, word_tokenizer
+    from test_stream import run
+
+    root = tmp_path_factory.mktemp("moe-ranks")
+    text = root / "eval.txt"
+    text.write_text(make_text(4, 2000))
+    ckpt = root / "mixtral"
+    load(family("mixtral")).model.save_pretrained(ckpt)
+    word_tokenizer(text.read_text(), BASE["vocab_size"]).save_pretrained(ckpt)
+    done = {}
+    for ranks in (1, 2, 3):
+        p = run(ranks, root / f"r{ranks}", ckpt, text, "prune.method=wanda,sparsegpt", "prune.scope=row,nm",
+                "prune.mode=sequential")
+        assert p.returncode == 0, p.stderr[-3000:]
+        done[ranks] = root / f"r{ranks}"
+        # oneshot and no evaluation: no pass sends the pruned views to every rank, so a fused
+        # tensor cut between ranks reaches its writer only through models.share_split
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+        p = subprocess.run([sys.executable, *launcher, "-m", "distprune", "model=hf", f"model.path={ckpt}",
+                            "prune=wanda", "prune.mode=oneshot", "calib.source=random", "calib.nsamples=6",
+                            "calib.seqlen=16", "calib.batch_size=2", "calib.cache=false",
+                            f"output_dir={done[ranks]}/wanda-row-oneshot"], capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-3000:]
+    return done, ckpt
+
+
+@pytest.mark.parametrize("job", [f"{m}-{s}-sequential" for m in ("wanda", "sparsegpt") for s in ("row", "nm")]
+                         + ["wanda-row-oneshot"])
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_one_process_and_several_ranks_write_identical_moe_checkpoints(rank_runs, job, ranks):
+    from test_stream import tensors
+
+    done, ckpt = rank_runs
+    a, b = tensors(done[1] / job), tensors(done[ranks] / job)
+    assert a.keys() == b.keys() == tensors(ckpt).keys()  # the input's per-expert names
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), (job, k)
+    ra, rb = (json.loads((done[r] / job / "distprune_report.json").read_text()) for r in (1, ranks))
+    assert ra["perplexity"] == rb["perplexity"] and ra["layers"] == rb["layers"]
+    assert rb["world_size"] == ranks and ra["expert_weights"]["sparsity"] == 0.5
+    assert ra["weights"]["model"] == sum(t.numel() for t in tensors(ckpt).values())
+    for name, t in a.items():
+        if ".experts." in name:  # every expert matrix at 50%: each row (row scope) or each group of 4 (2:4)
+            groups = (t == 0).reshape(t.shape[0], -1, 4 if "-nm-" in job else t.shape[1]).sum(-1)
+            assert bool((groups == groups.new_full((), 2 if "-nm-" in job else t.shape[1] // 2)).all()), name
+
+
+def test_upcycled_moe_without_noise_computes_the_dense_model():
+    """scripts/upcycle_moe.py: experts that are exact copies of the dense MLP, whatever the
+    router picks, give the dense model's logits; with noise, different experts."""
+    from pathlib import Path
+
+    from conftest import TINY
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from upcycle_moe import upcycle
+
+    dense = load(ModelConfig(random=dict(TINY["llama"]))).model
+    ids = windows(2, 16) % TINY["llama"]["vocab_size"]
+    moe_model = upcycle(dense, experts=4, top_k=2, noise=0.0, router_std=0.5, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    noisy = upcycle(dense, experts=4, top_k=2, noise=0.01, router_std=0.5, seed=0)
+    gu = noisy.model.layers[0].mlp.experts.gate_up_proj
+    assert not torch.equal(gu[0], gu[1])
+    assert len(prunable_layers(noisy)) == 2 * (4 + 4 * 3)

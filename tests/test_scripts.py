@@ -15,7 +15,7 @@ from distprune.models import load
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKED = {"bench_select.py", "bench_load.py", "bench_sample.py", "bench_solve.py", "results.py", "gpu_check.sh",
-          "make_checkpoint.py"}
+          "make_checkpoint.py", "upcycle_moe.py"}
 
 
 def script(tmp_path, *args, env=None, timeout=600):
@@ -37,6 +37,15 @@ def checkpoint(tmp_path_factory, corpus):
     load(ModelConfig(random=dict(TINY["llama"]))).model.save_pretrained(d)
     word_tokenizer((corpus / "wikitext-2" / "valid.txt").read_text()).save_pretrained(d)
     return d
+
+
+def test_upcycle_moe_writes_a_mixtral_checkpoint(tmp_path, checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    script(tmp_path, "upcycle_moe.py", str(tmp_path / "moe"), "--dense", str(checkpoint), "--experts", "3")
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert moe.config.model_type == "mixtral" and moe.config.num_local_experts == 3
+    assert (tmp_path / "moe" / "tokenizer.json").is_file()
 
 
 def test_bench_select_every_axis(tmp_path):
