@@ -160,7 +160,7 @@ def test_every_family_prunes_every_expert_saves_in_its_layout_and_reloads(tmp_pa
         assert torch.equal(reloaded(windows(2)).logits, model(windows(2)).logits)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_sparsegpt_2of4_inside_every_expert(name):
     loaded, _ = _run(name, dict(method="sparsegpt", scope="nm", sparsity=0.5, m=4))
     for layer in prunable_layers(loaded.model):
@@ -282,6 +282,62 @@ def rank_runs(tmp_path_factory):
                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert p.returncode == 0, p.stderr[-3000:]
     return done, ckpt
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory):
+    """Every family saved by save_pretrained (its original layout), pruned with wanda row 50%
+    and sparsegpt 2:4 by one process and by 2 torchrun ranks: one sweep over all families
+    per launch."""
+    from conftest import make_text, word_tokenizer
+
+    root = tmp_path_factory.mktemp("moe-families")
+    text = root / "eval.txt"
+    text.write_text(make_text(5, 2000))
+    paths = []
+    for name in FAMILIES:
+        load(family(name)).model.save_pretrained(root / name)
+        word_tokenizer(text.read_text(), BASE["vocab_size"]).save_pretrained(root / name)
+        paths.append(str(root / name))
+    done = {}
+    for ranks in (1, 2):
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+        out = root / f"r{ranks}"
+        p = subprocess.run([sys.executable, *launcher, "-m", "distprune", "-m", "model=hf",
+                            f"model.path={','.join(paths)}", "prune=wanda,sparsegpt-2of4",
+                            "calib.source=random", "calib.nsamples=6", "calib.seqlen=16", "calib.batch_size=2",
+                            "calib.cache=false", f"eval.source={text}", "eval.seqlen=16", "eval.max_windows=4",
+                            "eval.batch_size=2", f"output_dir={out}/${{model.name}}-${{prune.method}}",
+                            f"hydra.sweep.dir={out / 'sweep'}"],
+                           capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-3000:]
+        done[ranks] = out
+    return done, root
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_one_process_and_two_ranks_write_identical_checkpoints(family_runs, name):
+    """wanda row 50% (every row of every expert matrix at 50%) and sparsegpt 2:4 (2 of every
+    4): routers as they were, 1 process and 2 ranks bit-identical, in the input's layout."""
+    from test_stream import tensors
+
+    done, root = family_runs
+    dense = tensors(root / name)
+    for method in ("wanda", "sparsegpt"):
+        a, b = tensors(done[1] / f"{name}-{method}"), tensors(done[2] / f"{name}-{method}")
+        assert a.keys() == b.keys() == dense.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (method, k)
+            if k.endswith(("gate.weight", "router.weight", "shared_expert_gate.weight", "bias")):
+                assert torch.equal(a[k], dense[k]), k  # routers and biases never pruned
+        report = json.loads((done[2] / f"{name}-{method}" / "distprune_report.json").read_text())
+        assert report["expert_weights"]["sparsity"] == 0.5 and report["world_size"] == 2
+        experts = [layer for layer in report["layers"] if layer["expert"] is not None]
+        assert experts and all(layer["zeros"] * 2 == layer["numel"] for layer in experts)
+        for k, t in a.items():
+            if ".experts." in k and t.dim() == 2 and not k.endswith("bias"):  # per expert (GPT-OSS: fused)
+                groups = (t == 0).reshape(t.shape[0], -1, 4 if method == "sparsegpt" else t.shape[1]).sum(-1)
+                assert bool((groups == (2 if method == "sparsegpt" else t.shape[1] // 2)).all()), (method, k)
 
 
 @pytest.mark.parametrize("job", [f"{m}-{s}-sequential" for m in ("wanda", "sparsegpt") for s in ("row", "nm")]
