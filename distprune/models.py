@@ -128,10 +128,26 @@ def check_source(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.path={cfg.path!r} is a file but not a .gguf file")
         if p.is_dir() and not (p / "config.json").is_file():
             raise ConfigError(f"model.path={cfg.path!r} has no config.json: not a Hugging Face model directory")
+        if p.is_dir():
+            check_not_quantized(cfg.path, json.loads((p / "config.json").read_text()))
         check_files(p)
         return
     if not HUB_ID.match(cfg.path):
         raise ConfigError(f"model.path={cfg.path!r} does not exist")
+
+
+def check_not_quantized(path: str, config: dict) -> None:
+    """Refuse a checkpoint of quantized weights (GPT-OSS ships its experts in MXFP4): pruning
+    works on full-precision weights, and writing them back would need the quantizer. One
+    line that says how to dequantize it first."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    hint = ("AutoModelForCausalLM.from_pretrained(IN, quantization_config=Mxfp4Config(dequantize=True))"
+            ".save_pretrained(OUT)" if method == "mxfp4" else "load it in full precision and save_pretrained it")
+    raise ConfigError(f"model.path={path!r} holds quantized weights (quant_method {method}); distprune prunes "
+                      f"full-precision checkpoints: dequantize it first ({hint})")
 
 
 def check_files(path: Path) -> None:

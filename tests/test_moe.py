@@ -242,6 +242,21 @@ def test_an_experts_layout_distprune_does_not_know_exits_2_with_one_line(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_an_mxfp4_checkpoint_is_refused_with_how_to_dequantize_it(tmp_path):
+    """GPT-OSS's released checkpoints hold MXFP4 experts: one line, exit 2, nothing written."""
+    ckpt = tmp_path / "gpt-oss"
+    load(family("gpt_oss")).model.save_pretrained(ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, "-m", "distprune", "model=hf", f"model.path={ckpt}", "prune=magnitude",
+                           f"output_dir={tmp_path / 'out'}", "device=cpu"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(lines) == 1 and "quant_method mxfp4" in lines[0] and "Mxfp4Config(dequantize=True)" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_router_and_view_names():
     model = load(family("qwen2_moe")).model
     block = model.model.layers[0].mlp
