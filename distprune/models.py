@@ -21,7 +21,7 @@ from torch import nn
 
 from distprune import moe, stream
 from distprune.errors import ConfigError
-from distprune.writer import write_checkpoint
+from distprune.writer import disk_sources, write_checkpoint
 
 if TYPE_CHECKING:
     from distprune.config import ModelConfig
@@ -299,12 +299,15 @@ def load_streamed(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> 
     with stream.params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     blocks = decoder_blocks(model)
-    streamed = stream.Streamed(model, reader, blocks, blocks_prefix(model))
+    on_file = {k: v[2] for k, v in reader.where.items()}
+    streamed = stream.Streamed(model, reader, blocks, blocks_prefix(model),
+                               lambda name, shape: disk_sources(model, name, shape, on_file))
     if not streamed.complete():
         log.info("%s: tensor names differ from the model's; loading it in full", directory)
         return None
     read = streamed.keep(wanted(model))
-    model._weight_conversions = []  # the checkpoint holds the model's own names: write them back (writer.on_disk)
+    if not streamed.converted:  # the checkpoint holds the model's own names: write them back (writer.on_disk)
+        model._weight_conversions = []
     gen = directory / "generation_config.json"
     if gen.is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)

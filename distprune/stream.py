@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from distprune.errors import ConfigError
-from distprune.writer import tie_groups
+from distprune.writer import Piece, tie_groups
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,24 @@ class Streamed:
 
     streamed = True
 
-    def __init__(self, model: nn.Module, reader: Reader, blocks: nn.ModuleList, prefix: str) -> None:
+    def __init__(self, model: nn.Module, reader: Reader, blocks: nn.ModuleList, prefix: str,
+                 sources: Callable[[str, tuple[int, ...]], str | list[Piece] | None] | None = None) -> None:
         self.model, self.reader = model, reader
         self.slots: dict[str, tuple[nn.Module, str]] = {}
         for name, m in model.named_modules(remove_duplicate=False):
             for attr in [*m._parameters, *m._buffers]:
                 self.slots[f"{name}.{attr}" if name else attr] = (m, attr)
         self.groups = tie_groups(model)  # tied names share one tensor, stored under one of them
-        self.stored = {g[0]: next((n for n in g if n in reader.where), None) for g in self.groups}
+        # where each group is on disk: under one of its names, under another name, or in pieces
+        # (``sources``: a checkpoint in a layout that from_pretrained converts, writer.disk_sources)
+        self.stored: dict[str, str | list[Piece] | None] = {}
+        for g in self.groups:
+            found = next((n for n in g if n in reader.where), None)
+            if found is None and sources is not None:
+                found = sources(g[0], tuple(getattr(*self.slots[g[0]]).shape))
+            self.stored[g[0]] = found
+        # whether any tensor is stored under another name or in pieces (writer.on_disk reverts that)
+        self.converted = any(self.stored[g[0]] not in g for g in self.groups)
         self.block_groups = [[g for g in self.groups if g[0].startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
         self.resident: set[str] = set()
         self._checked: set[int] = set()
@@ -165,16 +176,25 @@ class Streamed:
     def read(self, name: str) -> torch.Tensor:
         """A tensor as the checkpoint holds it (in the model's dtype), without keeping it."""
         group = next(g for g in self.groups if name in g)
-        return self.reader.read(self.stored[group[0]]).to(getattr(*self.slots[group[0]]).dtype)
+        return self._read(group).to(getattr(*self.slots[group[0]]).dtype)
+
+    def _read(self, group: list[str]) -> torch.Tensor:
+        """A group's tensor as the checkpoint holds it: one tensor, or assembled from pieces."""
+        ref, src = getattr(*self.slots[group[0]]), self.stored[group[0]]
+        if isinstance(src, list):
+            t = torch.empty(ref.shape, dtype=self.reader.dtype(src[0].key))
+            for piece in src:
+                t[piece.expert, piece.start:piece.start + piece.rows] = self.reader.read(piece.key)
+            return t
+        t = self.reader.read(src)
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ConfigError(f"{self.reader.where[src][0]}: tensor {src} has shape {tuple(t.shape)}, the config "
+                              f"says {tuple(ref.shape)}")
+        return t
 
     def _materialize(self, group: list[str]) -> int:
         ref = getattr(*self.slots[group[0]])
-        key = self.stored[group[0]]
-        t = self.reader.read(key)
-        if tuple(t.shape) != tuple(ref.shape):
-            raise ConfigError(f"{self.reader.where[key][0]}: tensor {key} has shape {tuple(t.shape)}, the config "
-                              f"says {tuple(ref.shape)}")
-        t = t.to(ref.dtype)
+        t = self._read(group).to(ref.dtype)
         self._put(group, t, isinstance(ref, nn.Parameter))
         return t.numel() * t.element_size()
 

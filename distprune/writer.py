@@ -5,8 +5,10 @@ preset's conversion writes with it too)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,6 +86,55 @@ def on_disk(model: nn.Module, key: str, t: torch.Tensor) -> dict[str, torch.Tens
     if getattr(model, "_weight_conversions", None) == []:  # loaded from its own names: nothing to revert
         return {key: t}
     return revert_weight_conversion(model, {key: t})
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor on disk that holds a block of a model tensor: ``key`` goes to rows
+    [start, start + rows) of expert ``expert`` (a fused experts tensor (E, A, B) stored per
+    expert, and for gate_up per matrix: gate rows then up rows)."""
+
+    key: str
+    expert: int
+    start: int
+    rows: int
+
+
+def disk_sources(model: nn.Module, name: str, shape: tuple[int, ...], on_file: dict[str, tuple[int, ...]]
+                 ) -> str | list[Piece] | None:
+    """Where the checkpoint (``on_file``: tensor name -> shape) holds the model's tensor
+    ``name``: its own name, a renamed one (``on_disk``: Mixtral's block_sparse_moe -> mlp), or
+    for a fused experts tensor the per-expert pieces it was merged from (MergeModulelist over
+    experts, Concatenate along rows: every MoE conversion transformers has). The layout is
+    read off the reverse conversion of a small stand-in (E, a, 1) whose entries code their
+    own position, scaled to the real rows and checked: the pieces must exist with the shapes
+    predicted and tile the tensor exactly. None when that does not hold (load in full)."""
+    if name in on_file:
+        return name
+    names = on_disk(model, name, torch.empty(shape, device="meta"))
+    if len(names) == 1:
+        key = next(iter(names))
+        return key if on_file.get(key) == tuple(shape) else None
+    if len(shape) != 3:
+        return None
+    experts, rows, cols = shape
+    small = math.gcd(rows, 720720)  # divisible by any number of concatenated matrices up to 16
+    coded = torch.arange(experts * small, dtype=torch.float64).reshape(experts, small, 1)
+    pieces, covered = [], 0
+    for key, t in on_disk(model, name, coded).items():
+        codes = t.reshape(-1)
+        first = int(codes[0])
+        e, start = divmod(first, small)
+        if t.dim() != 2 or t.shape[1] != 1 or not torch.equal(codes, torch.arange(first, first + len(codes),
+                                                                                dtype=torch.float64)):
+            return None
+        scale = rows // small
+        piece = Piece(key, e, start * scale, len(codes) * scale)
+        if on_file.get(key) != (piece.rows, cols):
+            return None
+        pieces.append(piece)
+        covered += piece.rows
+    return pieces if covered == experts * rows else None
 
 
 def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_size: str,

@@ -257,6 +257,28 @@ def test_an_mxfp4_checkpoint_is_refused_with_how_to_dequantize_it(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_streamed_checkpoint_in_per_expert_layout_reads_what_from_pretrained_loads(tmp_path, name):
+    """Streaming reads each fused experts tensor from its per-expert pieces (and renamed
+    tensors under their names on disk): block by block, the tensors from_pretrained builds."""
+    from transformers import AutoModelForCausalLM
+
+    from distprune.models import load_streamed, shard_keys
+
+    load(family(name)).model.save_pretrained(tmp_path)
+    full = AutoModelForCausalLM.from_pretrained(tmp_path)
+    cfg = ModelConfig(name="x", path=str(tmp_path))
+    loaded, nbytes = load_streamed(cfg, lambda model: shard_keys(model, (), (), 0, 2))
+    assert loaded.stream.streamed and loaded.stream.converted == (name != "gpt_oss")
+    assert nbytes < sum(p.numel() * p.element_size() for p in full.parameters())  # rank 0 of 2: its share
+    model = loaded.model
+    for i in range(model.config.num_hidden_layers):
+        loaded.stream.load_block(i)
+        for n, p in model.model.layers[i].named_parameters():
+            assert torch.equal(p, full.model.layers[i].get_parameter(n)), (i, n)
+        loaded.stream.release_block(i)
+
+
 def test_router_and_view_names():
     model = load(family("qwen2_moe")).model
     block = model.model.layers[0].mlp
@@ -347,6 +369,7 @@ def test_every_family_one_process_and_two_ranks_write_identical_checkpoints(fami
                 assert torch.equal(a[k], dense[k]), k  # routers and biases never pruned
         report = json.loads((done[2] / f"{name}-{method}" / "distprune_report.json").read_text())
         assert report["expert_weights"]["sparsity"] == 0.5 and report["world_size"] == 2
+        assert report["load"]["mode"] in ("streamed", "reused")  # per-expert files read as fused tensors
         experts = [layer for layer in report["layers"] if layer["expert"] is not None]
         assert experts and all(layer["zeros"] * 2 == layer["numel"] for layer in experts)
         for k, t in a.items():
