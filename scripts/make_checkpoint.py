@@ -1,11 +1,14 @@
 """Write a Hugging Face safetensors checkpoint with random weights in a large model's shapes
-(Llama-2-7B, 13.5 GB in bf16; or Llama-2-70B), shard by shard: only one output file's
-tensors are ever in memory, so a 2-core machine with 24 GiB writes the 7B one in a few
-minutes. For memory and time measurements (docs/BENCHMARKS.md) and the GPU check; the
-weights mean nothing, so calibrate with calib.source=random.
+(Llama-2-7B, 13.5 GB in bf16; Llama-2-70B; Mixtral-8x7B, 93 GB, or 2.9 GB a block), shard by
+shard: only one output file's tensors are ever in memory, so a 2-core machine with 24 GiB
+writes the 7B one in a few minutes. Tensors are named and laid out as the released
+checkpoints are (Mixtral: one tensor per expert and matrix, block_sparse_moe.experts.{e}.w1,
+which transformers fuses on load). For memory and time measurements (docs/BENCHMARKS.md) and
+the GPU check; the weights mean nothing, so calibrate with calib.source=random.
 
     python scripts/make_checkpoint.py /tmp/llama-2-7b-random
     python scripts/make_checkpoint.py /tmp/llama-7b-4 --layers 4
+    python scripts/make_checkpoint.py /tmp/mixtral-8x7b-4 --shape mixtral-8x7b --layers 4
     python scripts/make_checkpoint.py /tmp/llama-7b-tok --tokenizer ~/.cache/distprune/models/smollm2-135m
 
 Never write it into the repository. With --tokenizer the model gets that tokenizer (and its
@@ -33,21 +36,34 @@ SHAPES = {
     "llama-2-70b": dict(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
                         num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                         max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+                         rms_norm_eps=1e-5, sliding_window=None),
+    "mixtral-tiny": dict(model_type="mixtral", vocab_size=256, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                         num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-5),  # smoke test
 }
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def tensor_shapes(config) -> dict[str, tuple[torch.Size, bool]]:
-    """State-dict name -> (shape, is a norm weight) of the model that config describes, built
-    on the meta device (no memory)."""
+    """Checkpoint tensor name -> (shape, is a norm weight) of the model that config
+    describes, built on the meta device (no memory), in the layout save_pretrained writes
+    (transformers' reverse conversion: per-expert tensors for a MoE)."""
     from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    return {k: (t.shape, "norm" in k) for k, t in state.items()}
+    out = {}
+    for name, t in state.items():  # one tensor at a time: meta tensors, names and shapes only
+        out.update({k: (v.shape, "norm" in k) for k, v in revert_weight_conversion(model, {name: t}).items()})
+    return out
 
 
 def write(out: Path, shape: str, layers: int | None, dtype: torch.dtype, seed: int, shard_gb: float,
@@ -64,7 +80,7 @@ def write(out: Path, shape: str, layers: int | None, dtype: torch.dtype, seed: i
     model_type = spec.pop("model_type")
     config = AutoConfig.for_model(model_type, **spec, tie_word_embeddings=False,
                                   dtype=str(dtype).removeprefix("torch."))
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [ARCHITECTURES[model_type]]
     shapes = tensor_shapes(config)
     limit = int(shard_gb * 1e9)
     plan, chunk, size = [], [], 0

@@ -1,6 +1,7 @@
 """Every script under scripts/ runs, on tiny shapes, so that none can rot unseen (one
 once called a function with an argument it no longer took, and its table hid the error)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -77,16 +78,20 @@ def test_bench_load(tmp_path, checkpoint):
     assert "| every rank, full | any |" in text and "| 2 ranks, streamed | 1 |" in text
 
 
-def test_make_checkpoint(tmp_path):
+@pytest.mark.parametrize("shape", ["llama-tiny", "mixtral-tiny"])
+def test_make_checkpoint(tmp_path, shape):
     """Shard by shard into several files with an index: what from_pretrained loads, and
-    what a streamed load reads."""
+    what a streamed load reads (Mixtral: per-expert tensors, as released checkpoints)."""
     from distprune.models import load_streamed
 
     out = tmp_path / "ckpt"
-    script(tmp_path, "make_checkpoint.py", str(out), "--shape", "llama-tiny", "--layers", "3", "--shard-gb", "0.0001")
+    script(tmp_path, "make_checkpoint.py", str(out), "--shape", shape, "--layers", "3", "--shard-gb", "0.0001")
     assert len(list(out.glob("model-*.safetensors"))) > 3 and (out / "model.safetensors.index.json").is_file()
     full = load(ModelConfig(path=str(out))).model
     assert full.config.num_hidden_layers == 3 and next(full.parameters()).dtype == torch.bfloat16
+    if shape.startswith("mixtral"):
+        names = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert "model.layers.2.block_sparse_moe.experts.3.w2.weight" in names
     streamed, _ = load_streamed(ModelConfig(path=str(out)), lambda m: set(m.state_dict()))
     ref = full.state_dict()
     got = streamed.model.state_dict()
