@@ -176,12 +176,13 @@ class CalibConfig:
     batch_size: int = 8
     cache: bool = True  # reuse oneshot statistics from ~/.cache/distprune/stats
     # mixtures of experts: an expert's statistics come from the tokens routed to it (routed;
-    # an expert no token reaches is pruned by magnitude), or from every token (all)
+    # an expert no token reaches is pruned by magnitude), the same scaled by their routing
+    # weights (weighted), or every token (all). distprune/moe.py
     moe: str = "routed"
 
     def check(self) -> None:
-        if self.moe not in ("routed", "all"):
-            raise ConfigError(f"calib.moe={self.moe!r} is not one of routed, all")
+        if self.moe not in ("routed", "weighted", "all"):
+            raise ConfigError(f"calib.moe={self.moe!r} is not one of routed, weighted, all")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ConfigError(f"calib.nsamples={self.nsamples}, calib.seqlen={self.seqlen} and "
                               f"calib.batch_size={self.batch_size} must be >= 1, >= 2 and >= 1")

@@ -16,9 +16,11 @@ Statistics: a forward hook on the experts module receives (hidden_states (T, H),
 top_k_index (T, k), top_k_weights (T, k)). Expert e's gate and up see the hidden states of
 the tokens routed to it, its down sees act(gate) * up of those tokens (recomputed here
 with the module's own ``_apply_gate``). Routing weights scale an expert's output, not its
-inputs; the statistics are of the inputs, unweighted (as the Wanda and SparseGPT MoE ports
-and llm-compressor do). ``calib.moe=all`` sends every token through every expert instead
-(llm-compressor's choice for quantization): no expert is left without statistics.
+inputs: ``calib.moe=routed`` (the default) takes the inputs as they are; ``weighted``
+multiplies each token's inputs by its routing weight, so that a token counts in proportion
+to its share of the block's output (the output error of pruning is r_t * dW x_t); ``all``
+sends every token through every expert, unweighted (llm-compressor's choice for
+quantization): no expert is left without statistics. docs/RESULTS.md compares them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 ROUTERS = ("gate", "router", "shared_expert_gate")  # children of a MoE block that route, never pruned
-POLICIES = ("routed", "all")
+POLICIES = ("routed", "weighted", "all")
 MATRICES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -79,9 +81,18 @@ def expert_inputs(module: nn.Module, args: tuple, policy: str = "routed"
     """(e, input of gate and up (T_e, H), input of down (T_e, I)) for every expert of the
     module, in expert order, from the arguments of one forward call; an expert with no
     tokens gets empty (0, H) and (0, I) inputs."""
-    hidden, index = args[0], args[1]
+    hidden, index, weights = args[0], args[1], args[2]
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, H)
     index = index.reshape(hidden.shape[0], -1)  # (tokens, top_k)
     for e in range(num_experts(module)):
-        x = hidden if policy == "all" else hidden[(index == e).any(dim=-1)]
-        yield e, x, module._apply_gate(_gate_up(module, x, e))
+        if policy == "all":
+            yield e, hidden, module._apply_gate(_gate_up(module, hidden, e))
+            continue
+        routed = index == e  # (tokens, top_k)
+        rows = routed.any(dim=-1)
+        x = hidden[rows]
+        h = module._apply_gate(_gate_up(module, x, e))
+        if policy == "weighted":
+            r = (weights.reshape(routed.shape) * routed).sum(-1)[rows, None].to(x.dtype)  # (T_e, 1)
+            x, h = x * r, h * r
+        yield e, x, h

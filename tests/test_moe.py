@@ -77,7 +77,11 @@ class ExpertInputs(TorchFunctionMode):
 
     def __init__(self, fused: dict[int, str]) -> None:
         super().__init__()
-        self.fused, self.seen = fused, {}
+        self.fused, self.seen, self.weights, self.routing = fused, {}, {}, None
+
+    def route(self, _module, args) -> None:
+        """Forward pre-hook of an experts module: the routing of the call that follows."""
+        self.routing = (args[1], args[2])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -87,11 +91,14 @@ class ExpertInputs(TorchFunctionMode):
             if id(base) in self.fused:
                 e = w.storage_offset() // base[0].numel()
                 self.seen.setdefault((self.fused[id(base)], e), []).append(args[0].detach().double())
+                index, weights = self.routing  # eager order: torch.where over (top_k position, token)
+                pos, tok = torch.where((index == e).T)
+                self.weights.setdefault((self.fused[id(base)], e), []).append(weights[tok, pos, None].double())
         return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "qwen2_moe"])
-@pytest.mark.parametrize("policy", ["routed", "all"])
+@pytest.mark.parametrize("policy", ["routed", "weighted", "all"])
 def test_expert_statistics_are_the_inputs_each_expert_sees(name, policy):
     """Routed: an expert's gate/up statistics are those of the tokens transformers routes to
     it, its down's those of act(gate) * up of them (GPT-OSS: clamped, interleaved, biased).
@@ -104,6 +111,8 @@ def test_expert_statistics_are_the_inputs_each_expert_sees(name, policy):
     experts = [layer for layer in layers if layer.expert is not None]
     params = {id(layer.tensor): layer.key for layer in experts}
     mode = ExpertInputs(params)
+    for module in {layer.module for layer in experts}:
+        module.register_forward_pre_hook(mode.route)
     with mode, torch.no_grad():
         for batch in windows().split(4):  # the batches collect runs: routing near a tie is the same
             model(batch)
@@ -115,6 +124,9 @@ def test_expert_statistics_are_the_inputs_each_expert_sees(name, policy):
             continue
         seen = mode.seen.get((layer.key, layer.expert), [])
         x = torch.cat(seen) if seen else torch.zeros(0, layer.weight.shape[1], dtype=torch.float64)
+        if policy == "weighted":  # each token scaled by the routing weight transformers gives it
+            r = torch.cat(mode.weights.get((layer.key, layer.expert), [])) if seen else torch.zeros(0, 1)
+            x = x * r
         assert st.count == x.shape[0]
         torch.testing.assert_close(st.sumsq, (x * x).sum(0), rtol=1e-5, atol=1e-6)
     routed = sum(acc.stats[layer.name].count for layer in experts if layer.name.endswith("down_proj"))
