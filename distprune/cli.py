@@ -53,6 +53,8 @@ def calibration_source_fields(cfg: Config) -> dict:
     # batch_size too: float64 sums are added batch by batch, so it sets their rounding
     fields = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,
               "batch_size": c.batch_size}
+    if c.moe != "routed":  # the experts' statistics differ (the key of a model without experts stays as it was)
+        fields["moe"] = c.moe
     p = Path(c.source).expanduser()
     if p.exists():  # the same file named two ways is one key
         fields["source"] = str(p.resolve())

@@ -52,6 +52,7 @@ def cli(*args, cwd):
                             "(max_position_embeddings)"),  # found after loading
     (["prune.scope=global", "prune.mode=sequential"], "global scope needs oneshot statistics"),
     (["calib.nsamples=0"], "calib.nsamples=0"),
+    (["calib.moe=some"], "calib.moe='some' is not one of routed, weighted, all"),
     (["prune.allocation=owl", "prune.owl_lambda=-0.1"], "prune.owl_lambda=-0.1 is outside [0, 0.5]"),
     (["prune.allocation=owl", "prune.sparsity=0.05"], "prune.owl_lambda=0.08 is outside [0, 0.05]"),
     (["prune.allocation=owl", "prune.sparsity=0.95"], "prune.owl_lambda=0.08 is outside [0, 0.05]"),

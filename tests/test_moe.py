@@ -291,6 +291,22 @@ def test_a_streamed_checkpoint_in_per_expert_layout_reads_what_from_pretrained_l
         loaded.stream.release_block(i)
 
 
+def test_each_calibration_policy_has_its_own_cached_statistics(tmp_path):
+    """Oneshot statistics are cached per calib.moe: a policy never reads another's."""
+    from distprune import cli
+    from distprune.config import CalibConfig, Config
+
+    def job(policy: str, out: str) -> dict:
+        cfg = Config(model=family("mixtral"), prune=PruneConfig(method="wanda", mode="oneshot"),
+                     calib=CalibConfig(source="random", nsamples=4, seqlen=16, moe=policy),
+                     output_dir=str(tmp_path / out), device="cpu", save=False)
+        return cli.run(cfg)
+
+    first, again, other = job("routed", "a"), job("routed", "b"), job("all", "c")
+    assert (first["stats_cache"], again["stats_cache"], other["stats_cache"]) == ("miss", "hit", "miss")
+    assert first["layers"] == again["layers"] and first["layers"] != other["layers"]
+
+
 def test_router_and_view_names():
     model = load(family("qwen2_moe")).model
     block = model.model.layers[0].mlp
