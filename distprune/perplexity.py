@@ -13,7 +13,7 @@ from torch import nn
 from distprune.dist import SINGLE, Comm, batch_share
 from distprune.models import decoder_blocks
 from distprune.progress import progress
-from distprune.stats import capture_block_inputs, run_block
+from distprune.stats import StandIn, capture_block_inputs, run_block
 from distprune.stream import IN_MEMORY, InMemory, Streamed, move
 
 
@@ -48,21 +48,10 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, sho
     return _finish(sums, windows, comm)
 
 
-class _Feed(nn.Module):
+class _Feed(StandIn):
     """Stands in for a decoder block during the last step of a block-wise pass: passes its
     input through, or (the last block) returns the final hidden states computed before, in
-    the block's output format. Other attributes the model reads (attention_type) are the
-    block's."""
-
-    def __init__(self, block: nn.Module, out: torch.Tensor | None, as_tuple: bool) -> None:
-        super().__init__()
-        self.__dict__["_block"], self.__dict__["_out"], self.__dict__["_tuple"] = block, out, as_tuple
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_block"], name)
+    the block's output format."""
 
     def forward(self, hidden_states, *args, **kwargs):
         h = hidden_states if self._out is None else self._out
@@ -77,7 +66,7 @@ def _logits(model: nn.Module, ids: torch.Tensor, final: torch.Tensor, as_tuple: 
     originals = list(blocks)
     try:
         for j, block in enumerate(originals):
-            blocks[j] = _Feed(block, final if j == len(originals) - 1 else None, as_tuple)
+            blocks[j] = _Feed(block, _out=final if j == len(originals) - 1 else None, _tuple=as_tuple)
         return model(input_ids=ids, use_cache=False).logits
     finally:
         for j, block in enumerate(originals):

@@ -137,20 +137,24 @@ def _to(obj: Any, device, memo: dict[int, torch.Tensor]) -> Any:
     return obj
 
 
-class _Record(nn.Module):
-    """Stands in for decoder block j while block inputs are captured: keeps the keyword
-    arguments the model gives it and passes its input through (the last one stops the
-    forward). Other attributes the model reads (attention_type) are the block's."""
+class StandIn(nn.Module):
+    """Takes a decoder block's place in the model's list for one forward of the model;
+    other attributes the model reads of it (attention_type) are the block's."""
 
-    def __init__(self, block: nn.Module, j: int, last: bool, seen: list) -> None:
+    def __init__(self, block: nn.Module, **state) -> None:
         super().__init__()
-        self.__dict__.update(_block=block, _j=j, _last=last, _seen=seen)
+        self.__dict__.update(_block=block, **state)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_block"], name)
+
+
+class _Record(StandIn):
+    """Keeps the keyword arguments the model gives the block and passes its input through
+    (the last block's stops the forward)."""
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -176,7 +180,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
         for start in range(0, windows.shape[0], batch_size):
             seen: list = []
             for j, block in enumerate(originals):
-                blocks[j] = _Record(block, j, j == len(originals) - 1, seen)
+                blocks[j] = _Record(block, _last=j == len(originals) - 1, _seen=seen)
             try:
                 model(input_ids=windows[start:start + batch_size].to(model_device), use_cache=False)
             except _Stop:

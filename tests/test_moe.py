@@ -307,6 +307,18 @@ def test_each_calibration_policy_has_its_own_cached_statistics(tmp_path):
     assert first["layers"] == again["layers"] and first["layers"] != other["layers"]
 
 
+def test_blockwise_perplexity_gives_sliding_window_blocks_their_own_mask():
+    """GPT-OSS alternates full and sliding-window attention (window 16 < 32 tokens): a
+    block-wise pass gives every block the mask the model gives it, so it equals the whole
+    model's perplexity."""
+    from distprune.perplexity import blockwise_perplexity, perplexity
+
+    model = load(family("gpt_oss")).model.eval()
+    ids = windows(4, 32)
+    whole = perplexity(model, ids, batch_size=2, show=False)
+    assert blockwise_perplexity(model, ids, 2, "cpu", show=False) == pytest.approx(whole, rel=1e-6)
+
+
 def test_router_and_view_names():
     model = load(family("qwen2_moe")).model
     block = model.model.layers[0].mlp
