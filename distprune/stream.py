@@ -205,9 +205,17 @@ class Streamed:
             (m._parameters if attr in m._parameters else m._buffers)[attr] = new
 
 
+CHECK_CHUNK = 1 << 24  # elements per finiteness check: its temporaries stay at a few tens of MB
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    """Refuse a tensor with NaN or Inf, checked in chunks: isfinite of a whole fused experts
+    tensor (1e9 bf16 weights) would make gigabytes of temporaries."""
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)
+    if not all(bool(torch.isfinite(part).all()) for part in flat.split(CHECK_CHUNK)):
+        bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(CHECK_CHUNK))
         raise ConfigError(f"model tensor {name} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or Inf): "
                           "the checkpoint is damaged")
 
