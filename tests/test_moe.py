@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 from distprune import moe, stats
 from distprune.api import calibrate_and_prune
+from distprune.api import prune as api_prune
 from distprune.config import ConfigError, ModelConfig, PruneConfig
 from distprune.models import Coverage, load, prunable_layers
 from distprune.select import rows_mask
@@ -138,6 +139,8 @@ def test_expert_statistics_are_the_inputs_each_expert_sees(name, policy):
 def _run(name: str, prune: dict, policy: str = "routed", dtype: str = "float32"):
     loaded = load(family(name, dtype))
     cfg = PruneConfig(**prune)
+    if cfg.method == "magnitude":
+        return loaded, api_prune(loaded.model, cfg, show_progress=False)
     result = calibrate_and_prune(loaded.model, cfg, windows, "cpu", batch_size=4, show_progress=False,
                                  moe_policy=policy)
     return loaded, result
@@ -192,6 +195,29 @@ def _starve(model):
 
         gate.forward = fixed
     return model
+
+
+@pytest.mark.parametrize("prune", [
+    dict(method="wanda", scope="layer"),
+    dict(method="wanda", scope="global", normalize="row"),
+    dict(method="magnitude", scope="global"),
+    dict(method="wanda", scope="row", allocation="owl", sparsity=0.6, owl_lambda=0.1),
+    dict(method="wanda", scope="row", allocation="global", normalize="row"),
+    dict(method="sparsegpt", scope="row", allocation="owl", sparsity=0.6, owl_lambda=0.1),
+    dict(method="ria", scope="nm", m=8),
+], ids=lambda p: "-".join(str(v) for v in p.values()))
+def test_every_scope_and_allocation_counts_experts_as_layers(prune):
+    """Experts are layers to every scope and allocation: the model loses exactly
+    round(s * n) weights (N:M: its share of every group), the experts among them."""
+    loaded, result = _run("mixtral", {"sparsity": 0.5, **prune})
+    layers = prunable_layers(loaded.model)
+    zeros = sum(int((layer.weight == 0).sum()) for layer in layers)
+    n = sum(layer.numel for layer in layers)
+    assert zeros == round(prune.get("sparsity", 0.5) * n)
+    kinds = result.weight_kinds()
+    assert kinds["expert_weights"]["zeros"] > 0 and kinds["expert_weights"]["matrices"] == 24
+    if prune.get("allocation") == "owl":  # OWL's block sparsities differ; every expert of a block gets its own
+        assert len({round(r.target / r.numel, 3) for r in result.groups.layers}) > 1
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
