@@ -172,7 +172,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     block on the pruned one (and keeps those of ``own``). A
     solve method (sparsegpt) solves each layer on one rank: ``_calibrate_and_solve``.
     ``blocks_from`` reads each block when a pass needs it (a streamed model, stream.py).
-    ``moe_policy``: which tokens an expert's statistics come from (routed, all; moe.py).
+    ``moe_policy``: which tokens an expert's statistics come from (routed, weighted, all; moe.py).
 
     Afterwards the weights of ``own`` are on ``device`` and the rest of the model is where it
     was (block-wise onloading never moves the whole model): move it before running it.
