@@ -477,6 +477,7 @@ class Coverage:
     dense: int = 0  # weights in other pruned matrices (attention, dense and shared-expert MLPs)
     excluded: int = 0  # matrices that prune.include / prune.exclude leave out
     router: int = 0  # routers and shared-expert gates (never pruned)
+    embedding: int = 0  # embedding tables inside the blocks (never pruned)
     vector: int = 0  # norms, biases and other 1-D parameters (never pruned)
     outside: int = 0  # embeddings, final norm, head: outside the decoder blocks (never pruned)
 
@@ -490,8 +491,8 @@ def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str
     every nn.Linear and Conv1D, and the gate, up and down matrix of every expert of a fused
     experts module (moe.py).
 
-    Never pruned: embeddings, lm_head and everything else outside the blocks, 1-D tensors
-    (norms, biases), expert biases, routers and shared-expert gates. include/exclude are
+    Never pruned: embeddings (inside the blocks too), lm_head and everything else outside
+    the blocks, 1-D tensors (norms, biases), expert biases, routers and shared-expert gates. include/exclude are
     fnmatch patterns on layer names (and tensor names). Any other tensor of 2+ dimensions
     in a block is one distprune does not know how to prune: ConfigError naming it, never a
     silent skip. ``coverage`` receives the counts of every parameter.
@@ -509,11 +510,14 @@ def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str
         handled: set[int] = set()  # parameters that are pruned, excluded or never pruned
         for _, module in block.named_modules():
             name = names[id(module)]
-            if id(module) in routers:
+            if id(module) in routers or isinstance(module, nn.Embedding):
                 for p in module.parameters():
                     if id(p) not in handled:
                         handled.add(id(p))
-                        cov.router += p.numel()
+                        if isinstance(module, nn.Embedding):
+                            cov.embedding += p.numel()
+                        else:
+                            cov.router += p.numel()
             elif isinstance(module, (nn.Linear, Conv1D)):
                 handled.add(id(module.weight))
                 layer = PrunableLayer(name, module, i, isinstance(module, Conv1D))

@@ -258,6 +258,10 @@ def test_a_weight_distprune_cannot_prune_is_an_error_naming_it():
     cov = Coverage()
     layers = prunable_layers(model, exclude=["model.layers.*.mlp.extra"], coverage=cov)
     assert cov.excluded == 24 and sum(layer.expert is not None for layer in layers) == 24
+    model.model.layers[0].table = torch.nn.Embedding(10, 4)  # an embedding inside a block: never pruned
+    cov = Coverage()
+    prunable_layers(model, exclude=["model.layers.*.mlp.extra"], coverage=cov)
+    assert cov.embedding == 40 and cov.as_dict()["model"] == sum(p.numel() for p in model.parameters())
 
 
 def test_an_experts_layout_distprune_does_not_know_exits_2_with_one_line(tmp_path):
