@@ -15,6 +15,7 @@ from distprune.cli import run
 from distprune.models import load, prunable_layers
 from distprune.select import target_count
 from distprune.stats import LayerStats
+from distprune.writer import write_checkpoint
 
 
 def dense_and_pruned(cfg):
@@ -191,7 +192,8 @@ def test_sharded_save_loads(tiny):
 
 def test_load_streamed_reads_only_what_is_wanted(tiny_checkpoint):
     """Unread parameters stay on the meta device; tied names get one tensor; a checkpoint
-    whose tensor names the model renames on load (gpt_neox embed_out) is not streamed."""
+    whose tensor names the model renames on load (gpt_neox's embed_out, its lm_head) streams
+    from the name on disk, and is written back under it."""
     from distprune.config import ModelConfig
     from distprune.models import load_streamed
 
@@ -207,4 +209,12 @@ def test_load_streamed_reads_only_what_is_wanted(tiny_checkpoint):
     for k in want:
         assert torch.equal(state[k], full[k])
     assert nbytes == sum(full[k].numel() * full[k].element_size() for k in want)
-    assert load_streamed(ModelConfig(path=str(tiny_checkpoint("gpt_neox"))), lambda model: want) is None
+    neox = tiny_checkpoint("gpt_neox")
+    renamed, _ = load_streamed(ModelConfig(path=str(neox)), lambda model: set(model.state_dict()))
+    assert renamed.stream.stored["lm_head.weight"] == "embed_out.weight" and renamed.stream.converted
+    full = load(ModelConfig(path=str(neox))).model.state_dict()
+    assert all(torch.equal(t, full[k]) for k, t in renamed.model.state_dict().items())
+    out = neox.parent / "neox-out"
+    out.mkdir()
+    write_checkpoint(out, renamed.model, None, "5GB")
+    assert "embed_out.weight" in load_file(out / "model.safetensors")
