@@ -32,7 +32,6 @@ from torch import nn
 from torch.nn import functional as F
 
 ROUTERS = ("gate", "router", "shared_expert_gate")  # children of a MoE block that route, never pruned
-POLICIES = ("routed", "weighted", "all")
 MATRICES = ("gate_proj", "up_proj", "down_proj")
 
 
