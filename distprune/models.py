@@ -83,9 +83,12 @@ def weights_to(layers: list[PrunableLayer], device) -> None:
 
 def broadcast_weight(comm, layer: PrunableLayer, src: int) -> None:
     """The layer's weight, from rank src to every rank (a strided expert view goes through
-    a contiguous copy)."""
+    a contiguous copy; a rank that holds the tensor on the meta device, streamed, takes part
+    and receives into scratch memory)."""
     w = layer.weight
-    if w.is_contiguous():
+    if w.is_meta:
+        comm.broadcast_(torch.empty(w.shape, dtype=w.dtype), src=src)
+    elif w.is_contiguous():
         comm.broadcast_(w, src=src)
     else:
         w.copy_(comm.broadcast_(w.contiguous(), src=src))
@@ -340,11 +343,12 @@ def shard_keys(model: nn.Module, include, exclude, rank: int, world_size: int) -
 def writer_parts(parts: list[list[PrunableLayer]]) -> list[list[str]]:
     """The state-dict names each rank writes: its layers' tensors, a fused experts tensor
     that several ranks' views cut from by the first of them (``share_split``)."""
-    seen: set[str] = set()
-    out = []
-    for part in parts:
-        out.append([layer.key for layer in part if not (layer.key in seen or seen.add(layer.key))])
-    return out
+    first: dict[str, int] = {}
+    for rank, part in enumerate(parts):
+        for layer in part:
+            first.setdefault(layer.key, rank)
+    return [list(dict.fromkeys(layer.key for layer in part if first[layer.key] == rank))
+            for rank, part in enumerate(parts)]
 
 
 def share_split(parts: list[list[PrunableLayer]], comm) -> None:
@@ -354,11 +358,7 @@ def share_split(parts: list[list[PrunableLayer]], comm) -> None:
     writer = {key: rank for rank, keys in enumerate(writer_parts(parts)) for key in keys}
     for rank, part in enumerate(parts):
         for layer in part:
-            if writer[layer.key] == rank:
-                continue
-            if layer.tensor.is_meta:
-                comm.broadcast_(torch.empty(layer.weight.shape, dtype=layer.weight.dtype), src=rank)
-            else:
+            if writer[layer.key] != rank:
                 broadcast_weight(comm, layer, rank)
 
 
@@ -492,8 +492,8 @@ def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str
     experts module (moe.py).
 
     Never pruned: embeddings (inside the blocks too), lm_head and everything else outside
-    the blocks, 1-D tensors (norms, biases), expert biases, routers and shared-expert gates. include/exclude are
-    fnmatch patterns on layer names (and tensor names). Any other tensor of 2+ dimensions
+    the blocks, 1-D tensors (norms, biases), expert biases, routers and shared-expert gates.
+    include/exclude are fnmatch patterns on layer names (and tensor names). Any other tensor of 2+ dimensions
     in a block is one distprune does not know how to prune: ConfigError naming it, never a
     silent skip. ``coverage`` receives the counts of every parameter.
     """
@@ -511,13 +511,11 @@ def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str
         for _, module in block.named_modules():
             name = names[id(module)]
             if id(module) in routers or isinstance(module, nn.Embedding):
+                kind = "embedding" if isinstance(module, nn.Embedding) else "router"
                 for p in module.parameters():
                     if id(p) not in handled:
                         handled.add(id(p))
-                        if isinstance(module, nn.Embedding):
-                            cov.embedding += p.numel()
-                        else:
-                            cov.router += p.numel()
+                        setattr(cov, kind, getattr(cov, kind) + p.numel())
             elif isinstance(module, (nn.Linear, Conv1D)):
                 handled.add(id(module.weight))
                 layer = PrunableLayer(name, module, i, isinstance(module, Conv1D))

@@ -15,6 +15,7 @@ feed block i+1.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -263,15 +264,14 @@ def _hooks(layers: list[PrunableLayer], accumulator, moe_policy: str) -> list:
         else:
             experts.setdefault(layer.module, {})[(layer.expert, layer.name.rsplit(".", 1)[1])] = layer
 
-    def tap(module, args, kwargs, _out, views) -> None:
+    def tap(module, args, kwargs, _out, *, views) -> None:
         for e, x, h in moe.expert_inputs(module, (*args, *kwargs.values()), moe_policy):
-            for matrix, inputs in (("gate_proj", x), ("up_proj", x), ("down_proj", h)):
+            for matrix, inputs in zip(moe.MATRICES, (x, x, h), strict=True):
                 if (e, matrix) in views:
                     accumulator.add(views[(e, matrix)], inputs)
 
     for module, views in experts.items():
-        handles.append(module.register_forward_hook(
-            lambda m, args, kwargs, out, views=views: tap(m, args, kwargs, out, views), with_kwargs=True))
+        handles.append(module.register_forward_hook(functools.partial(tap, views=views), with_kwargs=True))
     return handles
 
 

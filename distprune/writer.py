@@ -119,6 +119,7 @@ def disk_sources(model: nn.Module, name: str, shape: tuple[int, ...], on_file: d
         return None
     experts, rows, cols = shape
     small = math.gcd(rows, 720720)  # divisible by any number of concatenated matrices up to 16
+    scale = rows // small
     coded = torch.arange(experts * small, dtype=torch.float64).reshape(experts, small, 1)
     pieces, covered = [], 0
     for key, t in on_disk(model, name, coded).items():
@@ -128,7 +129,6 @@ def disk_sources(model: nn.Module, name: str, shape: tuple[int, ...], on_file: d
         if t.dim() != 2 or t.shape[1] != 1 or not torch.equal(codes, torch.arange(first, first + len(codes),
                                                                                 dtype=torch.float64)):
             return None
-        scale = rows // small
         piece = Piece(key, e, start * scale, len(codes) * scale)
         if on_file.get(key) != (piece.rows, cols):
             return None
