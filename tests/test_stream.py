@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, make_text, word_tokenizer
+from ranks import run as ranks_run
 
 from distprune.config import ModelConfig
 from distprune.models import decoder_blocks, load, load_streamed, outside_keys, prunable_layers
@@ -115,7 +116,7 @@ def run(ranks: int, out: Path, ckpt: Path, text: Path, *args: str, nodes: int = 
            f"output_dir={out}/${{prune.method}}-${{prune.scope}}-${{prune.mode}}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nodes == 1:
-        return subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=600, env=env)
+        return ranks_run(cmd, fresh=[out], cwd=out.parent, timeout=600, env=env)
     agents = [subprocess.Popen(cmd, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env) for _ in range(nodes)]
     done = [a.communicate(timeout=600) for a in agents]

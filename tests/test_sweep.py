@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import TINY, word_tokenizer
+from ranks import run as ranks_run
 
 from distprune.config import ModelConfig
 from distprune.models import load
@@ -31,12 +32,12 @@ def sweeps(tmp_path_factory, corpus):
         cwd.mkdir()
         launcher = ([sys.executable] if ranks == 1 else
                     [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)])
-        p = subprocess.run([*launcher, "-m", "distprune", "-m", "model=hf", f"model.path={ckpt}",
-                            "prune.method=magnitude,wanda", "prune.sparsity=0.3,0.6", "prune.scope=global",
-                            "prune.mode=oneshot", f"calib.source={valid}", "calib.nsamples=4", "calib.seqlen=32",
-                            f"eval.source={test}", "eval.seqlen=32", "eval.max_windows=4", "save=false"],
-                           cwd=cwd, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "DISTPRUNE_CACHE": str(root / f"cache{ranks}")})
+        p = ranks_run([*launcher, "-m", "distprune", "-m", "model=hf", f"model.path={ckpt}",
+                       "prune.method=magnitude,wanda", "prune.sparsity=0.3,0.6", "prune.scope=global",
+                       "prune.mode=oneshot", f"calib.source={valid}", "calib.nsamples=4", "calib.seqlen=32",
+                       f"eval.source={test}", "eval.seqlen=32", "eval.max_windows=4", "save=false"],
+                      fresh=[cwd / "sweeps"], cwd=cwd, timeout=600,
+                      env={**os.environ, "DISTPRUNE_CACHE": str(root / f"cache{ranks}")})
         assert p.returncode == 0, p.stderr[-3000:]
         sweep_dir = cwd / "sweeps" / "tiny-ckpt"  # sweeps/<model.name>; model=hf names it after the directory
         reports = {d.name: json.loads((d / "distprune_report.json").read_text())
