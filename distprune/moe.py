@@ -12,10 +12,12 @@ the fused tensor; scores, selection, allocation, solves and the owner split see 
 views. Biases (GPT-OSS) are never pruned, nor are routers (``mlp.gate``, ``mlp.router``)
 and shared-expert gates.
 
-Statistics: a forward hook on the experts module receives (hidden_states (T, H),
-top_k_index (T, k), top_k_weights (T, k)). Expert e's gate and up see the hidden states of
-the tokens routed to it, its down sees act(gate) * up of those tokens (recomputed here
-with the module's own ``_apply_gate``). Routing weights scale an expert's output, not its
+Calibration runs an experts module with ``forward`` (its arguments: hidden_states (T, H),
+top_k_index (T, k), top_k_weights (T, k)), one expert after another, so that an expert's
+weights may come from memory or be read from disk one at a time (stats.collect) with the
+same numbers; each expert's step hands its inputs to the statistics. Expert e's gate and
+up see the hidden states of the tokens routed to it, its down sees act(gate) * up of those
+tokens (the module's own ``_apply_gate``). Routing weights scale an expert's output, not its
 inputs: ``calib.moe=routed`` (the default) takes the inputs as they are; ``weighted``
 multiplies each token's inputs by its routing weight, so that a token counts in proportion
 to its share of the block's output (the output error of pruning is r_t * dW x_t); ``all``
@@ -24,8 +26,6 @@ quantization): no expert is left without statistics. docs/RESULTS.md compares th
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -66,32 +66,68 @@ def view_spec(module: nn.Module, matrix: str) -> tuple[str, bool, slice | None]:
     return "gate_up_proj", transposed, part
 
 
-def _gate_up(module: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
-    """The expert's fused gate/up projection of x (T, H), bias included: (T, 2I)."""
-    w = module.gate_up_proj[e]
-    y = x @ w if module.is_transposed else F.linear(x, w)
-    if getattr(module, "has_bias", False):
-        y = y + module.gate_up_proj_bias[e]
-    return y
+Weights = tuple  # one expert's (gate_up (2I, H) or (H, 2I), its bias or None, down, its bias or None)
 
 
-def expert_inputs(module: nn.Module, args: tuple, policy: str = "routed"
-                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(e, input of gate and up (T_e, H), input of down (T_e, I)) for every expert of the
-    module, in expert order, from the arguments of one forward call; an expert with no
-    tokens gets empty (0, H) and (0, I) inputs."""
-    hidden, index, weights = args[0], args[1], args[2]
-    hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, H)
-    index = index.reshape(hidden.shape[0], -1)  # (tokens, top_k)
-    for e in range(num_experts(module)):
+def weights_of(module: nn.Module, e: int) -> Weights:
+    """Expert e's tensors as the module holds them (views into the fused tensors)."""
+    bias = getattr(module, "has_bias", False)
+    return (module.gate_up_proj[e], module.gate_up_proj_bias[e] if bias else None,
+            module.down_proj[e], module.down_proj_bias[e] if bias else None)
+
+
+def _linear(module: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.to(w.dtype) @ w if module.is_transposed else F.linear(x.to(w.dtype), w)
+    return y + b if b is not None else y
+
+
+def _gated(module: nn.Module, x: torch.Tensor, w: Weights) -> torch.Tensor:
+    """act(gate) * up of x (T, H) for an expert with weights w (the module's own _apply_gate:
+    GPT-OSS clamps and adds 1 to up): (T, I)."""
+    return module._apply_gate(_linear(module, x, w[0], w[1]))
+
+
+def expert_step(module: nn.Module, e: int, w: Weights, hidden: torch.Tensor, index: torch.Tensor,
+                weights: torch.Tensor, out: torch.Tensor, tap=None, policy: str = "routed") -> None:
+    """Expert e's part of one forward call of the experts module (hidden (T, H), top_k_index
+    and top_k_weights (T, k)): adds routing weight * expert(x) of its routed tokens into out
+    (T, H) float32, and hands ``tap(e, input of gate and up, input of down)`` the inputs its
+    statistics come from (``policy``; an expert with no tokens gets empty ones)."""
+    routed = index == e  # (T, k)
+    rows = routed.any(dim=-1).nonzero().squeeze(1)
+    x = hidden[rows]
+    h = _gated(module, x, w)
+    r = (weights * routed).sum(-1)[rows, None]  # (T_e, 1): the routing weight of e for each of its tokens
+    if tap is not None:
         if policy == "all":
-            yield e, hidden, module._apply_gate(_gate_up(module, hidden, e))
-            continue
-        routed = index == e  # (tokens, top_k)
-        rows = routed.any(dim=-1)
-        x = hidden[rows]
-        h = module._apply_gate(_gate_up(module, x, e))
-        if policy == "weighted":
-            r = (weights.reshape(routed.shape) * routed).sum(-1)[rows, None].to(x.dtype)  # (T_e, 1)
-            x, h = x * r, h * r
-        yield e, x, h
+            tap(e, hidden, _gated(module, hidden, w))
+        elif policy == "weighted":
+            tap(e, x * r.to(x.dtype), h * r.to(h.dtype))
+        else:
+            tap(e, x, h)
+    if rows.numel():
+        y = _linear(module, h, w[2], w[3])
+        if getattr(module, "has_post_expert_norm", False):
+            y = module.post_expert_norm(y)
+        out.index_add_(0, rows, y.float() * r.float())
+
+
+def forward(module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, *,
+            fetch=weights_of, tap=None, policy: str = "routed") -> torch.Tensor:
+    """The experts module's forward, one expert after another (``fetch(module, e)`` gives
+    expert e's weights), summed in float32 in expert order: what distprune's calibration
+    passes run instead of transformers' implementations (grouped_mm, eager), so that a
+    block computes the same numbers whether its experts are in memory or read from disk
+    one at a time (stats.collect), on any number of ranks."""
+    flat, index, weights = flatten(hidden, index, weights)
+    out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+    for e in range(num_experts(module)):
+        expert_step(module, e, fetch(module, e), flat, index, weights, out, tap, policy)
+    return out.to(hidden.dtype).reshape(hidden.shape)
+
+
+def flatten(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, *_) -> tuple:
+    """An experts module's arguments as (hidden (T, H), top_k_index (T, k), top_k_weights (T, k))."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    index = index.reshape(flat.shape[0], -1)
+    return flat, index, weights.reshape(index.shape)

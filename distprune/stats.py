@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,10 @@ from distprune.dist import SINGLE, Comm
 from distprune.models import PrunableLayer, decoder_blocks
 from distprune.progress import progress
 from distprune.select import NonFiniteScoreError
-from distprune.stream import IN_MEMORY, InMemory, Streamed
+from distprune.stream import IN_MEMORY, InMemory, Streamed, move
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the statistics change meaning
+CACHE_VERSION = 2  # bump when the statistics change meaning (2: experts run by moe.forward)
 
 
 @dataclass
@@ -216,8 +217,11 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
     mode it prunes block i, and block i's outputs are recomputed before they feed block
     i+1. With several ranks, each passes its share of the windows in whole batches
     (``dist.batch_share``); the accumulator reduces over ranks. ``blocks_from`` reads each
-    block before it runs and drops it after (a streamed model, stream.py). ``moe_policy``:
-    which tokens an expert's statistics come from (moe.py)."""
+    block before it runs and drops it after (a streamed model, stream.py); a pass that only
+    collects statistics (no ``on_block``) reads the experts of a block this rank does not
+    hold one expert at a time (``_streamed_experts``). ``moe_policy``: which tokens an expert's statistics come from
+    (moe.py). Experts modules run moe.forward, one expert after another, whether in memory
+    or on disk: the numbers are the same either way, so on any number of ranks."""
     if mode not in ("oneshot", "sequential"):
         raise ValueError(f"unknown calibration mode {mode!r}")
     blocks = decoder_blocks(model)
@@ -229,50 +233,129 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
     for i, block in enumerate(progress(blocks, "calibrate", "block", show)):
         if i > last:
             break
-        blocks_from.load_block(i)
-        home = next(block.parameters()).device
-        block.to(device)
+        # a pass that prunes or solves as it goes (on_block) needs the whole block in memory
+        blocks_from.load_block(i, experts=on_block is not None)
+        home = next(p.device for p in block.parameters() if not p.is_meta)
+        move(block, device)
         mine = by_block.get(i, [])
         accumulator.start_block(mine)
-        handles = _hooks(mine, accumulator, moe_policy)
-        try:
-            outputs, _ = run_block(block, inputs, i)
-        finally:
-            for h in handles:
-                h.remove()
+        taps = _expert_taps(mine, accumulator, moe_policy)
+        experts = [m for m in block.modules() if moe.is_experts(m)]
+        on_disk = [m for m in experts if m.gate_up_proj.is_meta]
+        if on_disk:
+            outputs = _streamed_experts(block, inputs, i, experts, blocks_from, mine, accumulator, taps, moe_policy)
+        else:
+            with _hooks(mine, accumulator), _experts_forward(experts, taps, moe_policy):
+                outputs, _ = run_block(block, inputs, i)
         block_stats = accumulator.finish_block()
         if mine and on_block is not None:
             on_block(i, mine, block_stats)
             if mode == "sequential":
-                outputs, _ = run_block(block, inputs, i)  # block i's outputs with its pruned weights
+                with _experts_forward(experts, {}, moe_policy):
+                    outputs, _ = run_block(block, inputs, i)  # block i's outputs with its pruned weights
         del block_stats  # Hessians: never two blocks' at once
-        block.to(home)
+        move(block, home)
         blocks_from.release_block(i)
         inputs = outputs
 
 
-def _hooks(layers: list[PrunableLayer], accumulator, moe_policy: str) -> list:
-    """Forward hooks that hand each layer's input to the accumulator, every batch: an
-    nn.Linear's hook on itself; an experts module's one hook, which gives every expert view
-    the inputs of its expert (moe.expert_inputs; gate and up get one tensor, which the
-    Hessians share)."""
-    handles, experts = [], {}
+def _streamed_experts(block: nn.Module, inputs: list[tuple], i: int, experts: list[nn.Module], blocks_from: Streamed,
+                      layers: list[PrunableLayer], accumulator, taps: dict, moe_policy: str) -> list[tuple]:
+    """Block i's outputs over all batches, its experts read from disk one expert at a time
+    (each once), for a block with one experts module: (1) the block runs up to its experts
+    for every batch, which keeps their arguments; (2) each expert, read once, adds its share
+    of every batch's output (moe.expert_step, in expert order: moe.forward's numbers) and
+    hands its inputs to the accumulator; (3) the block runs again, its experts module
+    returning those outputs, while the other layers' inputs go to the accumulator. Every
+    layer still receives its batches in batch order."""
+    if len(experts) != 1:
+        raise NotImplementedError(f"block {i} has {len(experts)} experts modules; streaming one expert at a time "
+                                  "handles one")
+    module = experts[0]
+    calls: list[tuple] = []
+
+    def keep(*args, **kwargs):
+        calls.append(moe.flatten(*args, *kwargs.values()))
+        raise _Stop
+
+    module.forward = keep
+    try:
+        for hidden, kwargs in inputs:
+            try:
+                block(hidden, **kwargs[i])
+            except _Stop:
+                pass
+    finally:
+        del module.forward
+    outs = [torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) for hidden, _, _ in calls]
+    tap = taps.get(module)
+    for e in range(moe.num_experts(module)):
+        gate_up_bias, down_bias = moe.weights_of(module, e)[1::2]  # biases are in memory
+        w = (blocks_from.read_expert(module, "gate_up_proj", e).to(outs[0].device), gate_up_bias,
+             blocks_from.read_expert(module, "down_proj", e).to(outs[0].device), down_bias)
+        for (hidden, index, weights), out in zip(calls, outs, strict=True):
+            moe.expert_step(module, e, w, hidden, index, weights, out, tap, moe_policy)
+        del w
+    done = iter(outs)
+
+    def give(hidden, *args, **kwargs):
+        return next(done).to(hidden.dtype).reshape(hidden.shape)
+
+    module.forward = give
+    try:
+        with _hooks(layers, accumulator):
+            outputs, _ = run_block(block, inputs, i)
+    finally:
+        del module.forward
+    return outputs
+
+
+@contextmanager
+def _experts_forward(modules: list[nn.Module], taps: dict, moe_policy: str):
+    """Run each experts module with moe.forward while inside, handing its experts' inputs
+    to its tap (``taps``; none for a module whose views are not being calibrated)."""
+    for m in modules:
+        m.forward = functools.partial(_forward_call, m, tap=taps.get(m), policy=moe_policy)
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
+
+
+def _forward_call(module: nn.Module, *args, tap, policy: str, **kwargs) -> torch.Tensor:
+    hidden, index, weights = (*args, *kwargs.values())[:3]
+    return moe.forward(module, hidden, index, weights, tap=tap, policy=policy)
+
+
+@contextmanager
+def _hooks(layers: list[PrunableLayer], accumulator):
+    """While inside, each nn.Linear of ``layers`` hands its input to the accumulator, every
+    batch (experts: ``_expert_taps``)."""
+    handles = [layer.module.register_forward_hook(lambda _m, args, _out, lay=layer: accumulator.add(lay, args[0]))
+               for layer in layers if layer.expert is None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _expert_taps(layers: list[PrunableLayer], accumulator, moe_policy: str) -> dict:
+    """For each experts module with views in ``layers``: tap(e, x, h), which gives expert e's
+    gate and up views x and its down view h (gate and up get one tensor, which Hessians
+    share)."""
+    views: dict[nn.Module, dict] = {}
     for layer in layers:
-        if layer.expert is None:
-            handles.append(layer.module.register_forward_hook(
-                lambda _m, args, _out, lay=layer: accumulator.add(lay, args[0])))
-        else:
-            experts.setdefault(layer.module, {})[(layer.expert, layer.name.rsplit(".", 1)[1])] = layer
+        if layer.expert is not None:
+            views.setdefault(layer.module, {})[(layer.expert, layer.name.rsplit(".", 1)[1])] = layer
 
-    def tap(module, args, kwargs, _out, *, views) -> None:
-        for e, x, h in moe.expert_inputs(module, (*args, *kwargs.values()), moe_policy):
-            for matrix, inputs in zip(moe.MATRICES, (x, x, h), strict=True):
-                if (e, matrix) in views:
-                    accumulator.add(views[(e, matrix)], inputs)
+    def tap(e: int, x: torch.Tensor, h: torch.Tensor, *, mine: dict) -> None:
+        for matrix, inputs in zip(moe.MATRICES, (x, x, h), strict=True):
+            if (e, matrix) in mine:
+                accumulator.add(mine[(e, matrix)], inputs)
 
-    for module, views in experts.items():
-        handles.append(module.register_forward_hook(functools.partial(tap, views=views), with_kwargs=True))
-    return handles
+    return {module: functools.partial(tap, mine=mine) for module, mine in views.items()}
 
 
 def cache_key(fields: dict) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distprune import moe
 from distprune.errors import ConfigError
 from distprune.writer import Piece, tie_groups
 
@@ -57,8 +58,12 @@ class Reader:
     def dtype(self, key: str) -> torch.dtype:
         return self.where[key][1]
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        """A tensor, or with ``index`` its sub-tensor [index] along the first dimension."""
         f, dtype, shape, start, end = self.where[key]
+        if index is not None:
+            step = (end - start) // shape[0]
+            start, end, shape = start + index * step, start + (index + 1) * step, shape[1:]
         buf = torch.empty(end - start, dtype=torch.uint8)
         view, done = memoryview(buf.numpy()), 0
         with open(f, "rb") as fh:
@@ -95,7 +100,7 @@ class InMemory:
 
     streamed = False
 
-    def load_block(self, i: int) -> None:
+    def load_block(self, i: int, experts: bool = True) -> None:
         pass
 
     def release_block(self, i: int) -> None:
@@ -158,14 +163,43 @@ class Streamed:
             if group[0] in self.resident:
                 self._materialize(group)
 
-    def load_block(self, i: int) -> None:
+    def load_block(self, i: int, experts: bool = True) -> None:
+        """Read block i's tensors that are not in memory. ``experts=False`` leaves a fused
+        experts tensor that is not resident on disk: ``read_expert`` reads it an expert at a
+        time (a Mixtral-8x7B block is 2.7 GiB, one expert of it 0.34 GiB)."""
         for group in self.block_groups[i]:
-            if getattr(*self.slots[group[0]]).is_meta:
+            if getattr(*self.slots[group[0]]).is_meta and (experts or not self._is_experts(group[0])):
                 self._materialize(group)
         if i not in self._checked:  # each block once: its non-resident tensors are read again later
             self._checked.add(i)
-            for group in self.block_groups[i]:
-                check_finite(group[0], getattr(*self.slots[group[0]]))
+            for group in self.block_groups[i]:  # an expert left on disk is checked as it is read
+                if not getattr(*self.slots[group[0]]).is_meta:
+                    check_finite(group[0], getattr(*self.slots[group[0]]))
+
+    def _is_experts(self, name: str) -> bool:
+        module, attr = self.slots[name]
+        return attr in ("gate_up_proj", "down_proj") and moe.is_experts(module)
+
+    def read_expert(self, module: nn.Module, attr: str, e: int) -> torch.Tensor:
+        """Expert e of the fused tensor ``module.<attr>`` (gate_up_proj, down_proj), from the
+        checkpoint, in the model's dtype: from its per-expert pieces, or a slice of the fused
+        tensor on disk."""
+        name = next(n for n, slot in self.slots.items() if slot == (module, attr))
+        group = next(g for g in self.groups if name in g)
+        ref, src = getattr(module, attr), self.stored[group[0]]
+        if isinstance(src, list):
+            parts = [piece for piece in src if piece.expert == e]
+            t = torch.empty(ref.shape[1:], dtype=self.reader.dtype(parts[0].key))
+            for piece in parts:
+                t[piece.start:piece.start + piece.rows] = self.reader.read(piece.key)
+        else:
+            t = self.reader.read(src, e)
+        if tuple(t.shape) != tuple(ref.shape[1:]):
+            raise ConfigError(f"checkpoint tensor {src if isinstance(src, str) else name}: expert {e} has shape "
+                              f"{tuple(t.shape)}, the config says {tuple(ref.shape[1:])}")
+        t = t.to(ref.dtype)
+        check_finite(f"{name}[{e}]", t)
+        return t
 
     def release_block(self, i: int) -> None:
         for group in self.block_groups[i]:

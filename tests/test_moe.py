@@ -490,3 +490,47 @@ def test_upcycled_moe_without_noise_computes_the_dense_model():
     gu = noisy.model.layers[0].mlp.experts.gate_up_proj
     assert not torch.equal(gu[0], gu[1])
     assert len(prunable_layers(noisy)) == 2 * (4 + 4 * 3)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_expert_by_expert_forward_equals_transformers(name):
+    """moe.forward (what calibration runs, one expert at a time) gives transformers' output
+    of every experts module, on the routing the model itself computes."""
+    model = load(family(name)).model.eval()
+    calls = []
+    for module in model.modules():
+        if moe.is_experts(module):
+            module.register_forward_hook(lambda m, args, out: calls.append((m, args, out)))
+    with torch.no_grad():
+        model(windows(2))
+        assert calls
+        for module, (hidden, index, weights), out in calls:
+            torch.testing.assert_close(moe.forward(module, hidden, index, weights), out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])  # per-expert files; fused, transposed, biased
+@pytest.mark.parametrize("policy", ["routed", "all"])
+def test_experts_read_one_at_a_time_give_the_same_statistics(tmp_path, name, policy):
+    """A statistics pass over a streamed model whose experts this rank does not hold reads
+    them one expert at a time (stats._streamed_experts): the statistics are bit for bit
+    those of the model in memory, and no fused experts tensor is ever materialized."""
+    from distprune.models import load_streamed, outside_keys
+
+    loaded = load(family(name))
+    loaded.model.save_pretrained(tmp_path / name)
+    reference = prunable_layers(loaded.model)
+    want = stats.ChannelSums(reference)
+    stats.collect(loaded.model, reference, windows(), "cpu", want, batch_size=4, show=False, moe_policy=policy)
+    streamed, _ = load_streamed(ModelConfig(path=str(tmp_path / name)), outside_keys)  # no layer resident
+    layers = prunable_layers(streamed.model)
+    fused = [m for m in streamed.model.modules() if moe.is_experts(m)]
+    materialized = []
+    for m in fused:
+        m.register_forward_pre_hook(lambda mod, _args: materialized.append(not mod.gate_up_proj.is_meta))
+    got = stats.ChannelSums(layers)
+    stats.collect(streamed.model, layers, windows(), "cpu", got, batch_size=4, show=False, blocks_from=streamed.stream,
+                  moe_policy=policy)
+    assert materialized and not any(materialized)
+    assert got.stats.keys() == want.stats.keys()
+    for key, st in want.stats.items():
+        assert torch.equal(got.stats[key].sumsq, st.sumsq) and got.stats[key].count == st.count, key
