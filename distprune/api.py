@@ -14,7 +14,6 @@ from distprune import allocate, methods, stats
 from distprune.config import ConfigError, PruneConfig
 from distprune.dist import SINGLE, Comm, batch_share
 from distprune.masks import GroupsResult, LayerResult, prune_groups, write_solved
-from distprune.methods import METHODS
 from distprune.models import PrunableLayer, broadcast_weight, prunable_layers, weights_to
 from distprune.progress import progress
 from distprune.stream import IN_MEMORY, InMemory, Streamed
@@ -116,7 +115,7 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
     """
     cfg = config if isinstance(config, PruneConfig) else PruneConfig(**(config or {}))
     cfg.check()
-    method = METHODS[cfg.method]
+    method = cfg.spec
     layers = layers if layers is not None else prunable_layers(model, cfg.include, cfg.exclude)
     if method.calibrated:
         missing = [layer.name for layer in layers if statistics is None or layer.name not in statistics]
@@ -180,7 +179,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     on the meta device, streamed).
     """
     config.check()
-    method = METHODS[config.method]
+    method = config.spec
     layers = layers if layers is not None else prunable_layers(model, config.include, config.exclude)
     check_groups(layers, config)
     own = own if own is not None else layers
@@ -203,7 +202,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
 
     alloc = None
     if config.scope != "global":
-        by = methods.allocating(config.method)
+        by = methods.allocating(method)
         st = dense_stats(by.statistic)[0] if config.allocation != "uniform" and by.calibrated else None
         t1 = time.perf_counter()
         alloc = allocate.allocate(config, own, lambda layer: _scores(by, layer, st, config), comm)
@@ -289,7 +288,7 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
     saving and evaluation need them anyway). oneshot takes every statistic from the
     dense model, sequential from the outputs of the pruned blocks before. No rank holds
     more than one block's statistics."""
-    method, mode = METHODS[config.method], config.resolved_mode
+    method, mode = config.spec, config.resolved_mode
     acc = method.statistic(layers, comm)
     solved: list[tuple[int, LayerResult]] = []  # (index in layers, result) of the layers this rank solved
     details: dict[str, dict] = {}

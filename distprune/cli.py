@@ -23,7 +23,6 @@ from distprune import checkpoint, data, dist, models, stats, summarize, sweep, w
 from distprune.api import PruneResult, calibrate_and_prune, prune
 from distprune.config import Config, ConfigError, register_configs
 from distprune.dist import SINGLE, Comm
-from distprune.methods import METHODS
 from distprune.perplexity import blockwise_perplexity
 from distprune.select import NonFiniteScoreError
 from distprune.stream import move
@@ -79,7 +78,7 @@ def streams(cfg: Config) -> bool:
     """Whether this job reads decoder blocks from the checkpoint when it needs them:
     model.stream, unless calibration samples from the model itself (generation runs the
     whole model)."""
-    return cfg.model.stream and not (METHODS[cfg.prune.method].calibrated and cfg.calib.source == "self")
+    return cfg.model.stream and not (cfg.prune.spec.calibrated and cfg.calib.source == "self")
 
 
 def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[models.LoadedModel, dict]:
@@ -89,7 +88,7 @@ def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[mod
     (stream.py). Anything else (a random config, GGUF, a hub id, model.stream=false, a
     layout that from_pretrained converts) loads in full on every rank. A sweep reuses the
     model of its previous job with the dense weights restored."""
-    forward = METHODS[cfg.prune.method].calibrated or bool(cfg.eval.source)
+    forward = cfg.prune.spec.calibrated or bool(cfg.eval.source)
 
     def load() -> tuple[models.LoadedModel, dict]:
         if streams(cfg):
@@ -114,7 +113,7 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
     statistics. This rank prunes ``own``, its shard of ``layers``. Records in ``seconds``
     how long the calibration windows took to make (sampling them, for calib=self), a part
     of the statistics phase."""
-    if not METHODS[cfg.prune.method].calibrated:
+    if not cfg.prune.spec.calibrated:
         models.weights_to(own, device)
         return prune(loaded.model, cfg.prune, layers=own, comm=comm)
     model = loaded.model
@@ -166,7 +165,7 @@ def gather_layers(result: PruneResult, comm: Comm) -> None:
 
 def windows_used(cfg: Config) -> dict[str, int]:
     """The window lengths this job runs through the model."""
-    used = {"calib.seqlen": cfg.calib.seqlen} if METHODS[cfg.prune.method].calibrated else {}
+    used = {"calib.seqlen": cfg.calib.seqlen} if cfg.prune.spec.calibrated else {}
     return {**used, **({"eval.seqlen": cfg.eval.seqlen} if cfg.eval.source else {})}
 
 
@@ -175,12 +174,12 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     sweep pass one SweepModels so that the model is loaded once."""
     cfg.check()
     models.check_source(cfg.model)
-    if METHODS[cfg.prune.method].calibrated:
+    if cfg.prune.spec.calibrated:
         data.check_source(cfg.calib.source, "calib.source")
     if cfg.eval.source:
         data.check_source(cfg.eval.source, "eval.source")
     out = checkpoint.check_output(cfg.output_dir, cfg.overwrite, models.input_dir(cfg.model))
-    if not METHODS[cfg.prune.method].calibrated and cfg.prune.mode != "auto":
+    if not cfg.prune.spec.calibrated and cfg.prune.mode != "auto":
         log.warning("prune.mode=%s has no effect with prune.method=%s: it calibrates nothing", cfg.prune.mode,
                     cfg.prune.method)
     device = dist.device_of(comm, resolve_device(cfg.device))

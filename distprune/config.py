@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from distprune.allocate import ALLOCATIONS, NORMALIZE
 from distprune.errors import ConfigError
 from distprune.masks import SCOPES
-from distprune.methods import METHODS, OPTIONS
+from distprune.methods import METHODS, OPTIONS, Method, of
 from distprune.select import SELECTORS
 
 __all__ = ["CalibConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "PruneConfig", "register_configs"]
@@ -71,11 +71,16 @@ class PruneConfig:
     normalize: str = "none"
 
     @property
+    def spec(self) -> Method:
+        """The method as this config runs it (methods.of)."""
+        return of(self)
+
+    @property
     def selector_name(self) -> str:
         """The selector this scope uses, as reports name it: row and N:M groups are always
         selected with an exact per-group kthvalue; a solve chooses its mask itself, block
         of columns by block."""
-        if METHODS[self.method].solve is not None:
+        if self.spec.solve is not None:
             return f"{self.method}-{self.scope}"
         return f"{self.scope}-kthvalue" if self.scope in ("row", "nm") else self.selector
 
@@ -109,7 +114,7 @@ class PruneConfig:
             raise ConfigError(f"prune.blocksize={self.blocksize} must be at least 1")
         if self.ria_a < 0:
             raise ConfigError(f"prune.ria_a={self.ria_a} must be >= 0")
-        method = METHODS[self.method]
+        method = self.spec
         if self.scope not in method.scopes:
             why = " (for global budgets use prune.allocation=global)" if self.scope == "global" else ""
             raise ConfigError(f"prune.method={self.method} does not support prune.scope={self.scope}{why}; use "
@@ -134,7 +139,7 @@ class PruneConfig:
         """Refuse a setting that would be silently ignored in the chosen scope (a value
         other than its default that nothing reads)."""
         defaults = PruneConfig.__dataclass_fields__
-        method = METHODS[self.method]
+        method = self.spec
         for key in OPTIONS:
             if key not in method.options and getattr(self, key) != defaults[key].default:
                 users = [name for name, m in METHODS.items() if key in m.options]

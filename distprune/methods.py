@@ -58,8 +58,12 @@ METHODS: dict[str, Method] = {
 OPTIONS = tuple(dict.fromkeys(o for method in METHODS.values() for o in method.options))  # method-specific keys
 
 
-def allocating(name: str) -> Method:
-    """The method whose statistics and scores decide a non-uniform allocation for ``name``:
-    itself, or for a solve method the one it names."""
-    method = METHODS[name]
+def of(cfg: PruneConfig) -> Method:
+    """The method as ``cfg`` runs it (``PruneConfig.spec``)."""
+    return METHODS[cfg.method]
+
+
+def allocating(method: Method) -> Method:
+    """The method whose statistics and scores decide a non-uniform allocation for
+    ``method``: itself, or for a solve method the one it names."""
     return METHODS[method.allocation] if method.allocation else method
