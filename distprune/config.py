@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from distprune.allocate import ALLOCATIONS, NORMALIZE
 from distprune.errors import ConfigError
 from distprune.masks import SCOPES
-from distprune.methods import METHODS, OPTIONS, Method, of
+from distprune.methods import METHODS, OPTIONS, REFIT_OPTIONS, Method, of
 from distprune.select import SELECTORS
 
 __all__ = ["CalibConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "PruneConfig", "register_configs"]
@@ -59,8 +59,17 @@ class PruneConfig:
     search_tol: float = 1e-4  # search: stop when |count - k| <= tol * n
     search_max_iter: int = 20  # search: counting passes at most (the seed report's 20)
     ria_a: float = 0.5  # ria: exponent of the activation norm
-    percdamp: float = 0.01  # sparsegpt: dampening added to diag(H), a fraction of its mean
+    percdamp: float = 0.01  # sparsegpt, alps, refit: dampening added to diag(H), a fraction of its mean
     blocksize: int = 128  # sparsegpt: columns whose mask is chosen together (a multiple of m for nm)
+    # alps (alps.py): the ADMM penalty's start, iterations between its updates, and the cap on
+    # iterations (the paper's 0.1, 3 and 300)
+    alps_rho: float = 0.1
+    alps_update_iter: int = 3
+    alps_max_iter: int = 300
+    # refit the kept weights of every layer to its dense outputs by conjugate gradients on its
+    # Hessian, after any method's mask (layer, row and nm scopes); alps always ends with it
+    refit: bool = False
+    refit_iters: int = 10  # conjugate-gradient iterations of the refit (alps's too)
     # how many weights each layer loses (allocate.py): uniform (prune.sparsity everywhere),
     # owl (outlier-weighed per block) or global (one global threshold over normalized scores
     # sets each layer's count; the scope's own rule picks the weights); layer and row scopes
@@ -81,7 +90,7 @@ class PruneConfig:
         selected with an exact per-group kthvalue; a solve chooses its mask itself, block
         of columns by block."""
         if self.spec.solve is not None:
-            return f"{self.method}-{self.scope}"
+            return f"{self.method}{'+refit' * self.refit}-{self.scope}"
         return f"{self.scope}-kthvalue" if self.scope in ("row", "nm") else self.selector
 
     @property
@@ -114,6 +123,18 @@ class PruneConfig:
             raise ConfigError(f"prune.blocksize={self.blocksize} must be at least 1")
         if self.ria_a < 0:
             raise ConfigError(f"prune.ria_a={self.ria_a} must be >= 0")
+        if self.alps_rho <= 0:
+            raise ConfigError(f"prune.alps_rho={self.alps_rho} must be > 0")
+        for key in ("alps_update_iter", "alps_max_iter", "refit_iters"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"prune.{key}={getattr(self, key)} must be at least 1")
+        if self.refit and self.method == "alps":
+            raise ConfigError("prune.refit=true has no effect with prune.method=alps: it always ends with the refit "
+                              "(prune.refit_iters sets its iterations)")
+        if self.refit and self.scope == "global":
+            raise ConfigError("prune.refit=true needs a per-layer scope (layer, row or nm): it refits each layer "
+                              "on its own Hessian, one block at a time, and a global threshold needs every layer's "
+                              "scores first; for global budgets use prune.allocation=global")
         method = self.spec
         if self.scope not in method.scopes:
             why = " (for global budgets use prune.allocation=global)" if self.scope == "global" else ""
@@ -130,7 +151,7 @@ class PruneConfig:
             if not 0 <= self.owl_lambda <= most:
                 raise ConfigError(f"prune.owl_lambda={self.owl_lambda} is outside [0, {most:g}]: block sparsities "
                                   f"prune.sparsity={self.sparsity} +- owl_lambda must stay within [0, 1]")
-        if method.solve is not None and self.scope == "nm" and self.blocksize % self.m:
+        if "blocksize" in method.options and self.scope == "nm" and self.blocksize % self.m:
             raise ConfigError(f"prune.blocksize={self.blocksize} is not a multiple of prune.m={self.m}: N:M groups "
                               "must not straddle two blocks of columns")
         self._check_effective()
@@ -143,8 +164,9 @@ class PruneConfig:
         for key in OPTIONS:
             if key not in method.options and getattr(self, key) != defaults[key].default:
                 users = [name for name, m in METHODS.items() if key in m.options]
+                also = " or prune.refit=true" if key in REFIT_OPTIONS else ""
                 raise ConfigError(f"prune.{key}={getattr(self, key)} has no effect with prune.method={self.method}: "
-                                  f"it tunes prune.method={'/'.join(users)}")
+                                  f"it tunes prune.method={'/'.join(users)}{also}")
         picks = self.allocation == "global"  # the global budgets' threshold is selected with prune.selector
         if method.solve is not None and not picks and self.selector != defaults["selector"].default:
             raise ConfigError(f"prune.selector={self.selector} has no effect with prune.method={self.method}: "

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distprune import scores, sparsegpt
+from distprune import alps, scores, sparsegpt
 from distprune.masks import SCOPES
-from distprune.stats import ChannelSums, Hessians
+from distprune.select import row_mask, rows_mask
+from distprune.stats import ChannelSums, Hessians, LayerStats
 
 if TYPE_CHECKING:
     from distprune.config import PruneConfig
@@ -54,13 +55,48 @@ METHODS: dict[str, Method] = {
                         solve=lambda w, h, cfg, k: sparsegpt.solve(w, h, k, cfg.scope, cfg.m, cfg.blocksize,
                                                                    cfg.percdamp),
                         options=("percdamp", "blocksize"), scopes=("layer", "row", "nm"), allocation="wanda"),
+    # ALPS (alps.py): ADMM over the support, then the refit; distributed like sparsegpt
+    "alps": Method(lambda layers, comm: Hessians(layers, comm, alps.solve_cost),
+                   solve=lambda w, h, cfg, k: alps.solve(w, h, k, cfg.scope, cfg.m, cfg.alps_rho, cfg.alps_max_iter,
+                                                         cfg.alps_update_iter, refit_iters=cfg.refit_iters,
+                                                         percdamp=cfg.percdamp),
+                   options=("percdamp", "alps_rho", "alps_update_iter", "alps_max_iter", "refit_iters"),
+                   scopes=("layer", "row", "nm"), allocation="wanda"),
 }
 OPTIONS = tuple(dict.fromkeys(o for method in METHODS.values() for o in method.options))  # method-specific keys
+REFIT_OPTIONS = ("percdamp", "refit_iters")  # what prune.refit=true reads, whatever the method
 
 
 def of(cfg: PruneConfig) -> Method:
-    """The method as ``cfg`` runs it (``PruneConfig.spec``)."""
-    return METHODS[cfg.method]
+    """The method as ``cfg`` runs it (``PruneConfig.spec``): with ``prune.refit`` a solve
+    method whose solve is the method's own mask (its scores' selection, or its solve)
+    followed by the refit of the kept weights on the layer's Hessian (alps.refit); it
+    collects Hessians, is distributed like sparsegpt, and allocates by its own scores."""
+    method = METHODS[cfg.method]
+    if not cfg.refit:
+        return method
+    return Method(lambda layers, comm: Hessians(layers, comm, alps.refit_cost),
+                  solve=lambda w, h, c, k: _refit(method, w, h, c, k),
+                  options=tuple(dict.fromkeys((*method.options, *REFIT_OPTIONS))), scopes=("layer", "row", "nm"),
+                  allocation=method.allocation or cfg.method)
+
+
+def _refit(method: Method, w: torch.Tensor, h: torch.Tensor, cfg: PruneConfig, k: int) -> sparsegpt.Solved:
+    """``method``'s mask of k weights of w, its kept weights refit on the Hessian h. A score
+    method's statistics come from h: its diagonal is 2 * mean(x_j^2), Wanda's squared norms
+    times 2."""
+    if method.solve is not None:
+        first = method.solve(w, h, cfg, k)
+        return alps.refit(w, first.mask, h, cfg.refit_iters, cfg.percdamp, start=first.weight)
+    st = LayerStats.from_norms((h.diagonal().clamp(min=0) / 2).sqrt()) if method.calibrated else None
+    s = method.score(w.float(), st, cfg).float()
+    if cfg.scope == "layer":
+        mask = row_mask(s.reshape(1, -1), k).view_as(s)
+    elif cfg.scope == "row":
+        mask = rows_mask(s, k)
+    else:
+        mask = row_mask(s.reshape(-1, cfg.m), k * cfg.m // s.numel()).view_as(s)
+    return alps.refit(w, mask, h, cfg.refit_iters, cfg.percdamp)
 
 
 def allocating(method: Method) -> Method:

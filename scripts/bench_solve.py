@@ -1,4 +1,4 @@
-"""SparseGPT's solves split over ranks: solve and total time for 1, 2, 3 ranks, side by side.
+"""Solves (sparsegpt, alps) split over ranks: solve and total time for 1, 2, 3 ranks, side by side.
 
 Each row is one real job (`python -m distprune prune=sparsegpt ...`, or torchrun with N
 ranks) on a random-weight Llama whose shapes make the solves dominate (few calibration
@@ -7,6 +7,7 @@ process runs one thread (torchrun's default per rank, set for one process too), 
 rows differ only in how many ranks share the solves.
 
     python scripts/bench_solve.py --ranks 1,2,3 --write docs/BENCHMARKS.md
+    python scripts/bench_solve.py --method sparsegpt,alps --ranks 1,2 --write docs/BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_select import machine, replace_marked
 
 
-def job(args, ranks: int, out: Path) -> dict:
+def job(args, method: str, ranks: int, out: Path) -> dict:
     launcher = ([sys.executable] if ranks == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)])
     h, i, blocks = args.hidden, args.intermediate, args.blocks
     model = ["model=tiny-llama", f"model.random.hidden_size={h}", f"model.random.intermediate_size={i}",
              f"model.random.num_hidden_layers={blocks}", f"model.random.num_attention_heads={h // 64}",
              f"model.random.num_key_value_heads={h // 64}"]
-    cmd = [*launcher, "-m", "distprune", *model, f"prune=sparsegpt{'-2of4' if args.nm else ''}",
+    cmd = [*launcher, "-m", "distprune", *model, f"prune.method={method}",
+           *(["prune.scope=nm", "prune.m=4", "prune.sparsity=0.5"] if args.nm else ["prune.scope=layer"]),
            f"prune.mode={args.mode}", "calib.source=random", f"calib.nsamples={args.nsamples}",
            f"calib.seqlen={args.seqlen}", "calib.batch_size=1", "save=false", "device=cpu", f"output_dir={out}"]
     t0 = time.perf_counter()
@@ -39,7 +41,7 @@ def job(args, ranks: int, out: Path) -> dict:
                        timeout=3600)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise RuntimeError(f"{ranks} ranks failed: {p.stderr[-2000:]}")
+        raise RuntimeError(f"{method} on {ranks} ranks failed: {p.stderr[-2000:]}")
     report = json.loads((out / "distprune_report.json").read_text())
     return {"wall": wall, "report": report}
 
@@ -47,6 +49,7 @@ def job(args, ranks: int, out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", default="1,2,3")
+    p.add_argument("--method", default="sparsegpt", help="solve methods, comma-separated (sparsegpt, alps)")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--blocks", type=int, default=4)
@@ -57,26 +60,32 @@ def main() -> None:
     p.add_argument("--write", default=None)
     args = p.parse_args()
 
-    rows, base = [], None
+    rows, first = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        for ranks in [int(r) for r in args.ranks.split(",")]:
-            got = job(args, ranks, Path(tmp) / f"ws{ranks}")
-            r = got["report"]
-            solve = r["solve"]["seconds_per_rank"]
-            moved = max(sum(b) for b in r["solve"]["bytes_per_block_per_rank"])
-            base = base or (max(solve), got["wall"])
-            rows.append(f"| {ranks} | {got['wall']:.1f} | {r['seconds']['statistics']:.1f} | {max(solve):.1f} | "
-                        f"{', '.join(f'{s:.1f}' for s in solve)} | {base[0] / max(solve):.2f} | "
-                        f"{base[1] / got['wall']:.2f} | {moved / 1e6:.1f} | {r['pruned_fraction']:.4f} |")
-            print(rows[-1], file=sys.stderr)
-    table = "\n".join(["| ranks | wall s | statistics s | solve s (slowest rank) | solve s per rank | "
-                       "solve speedup | wall speedup | MB moved per rank | pruned fraction |",
-                       "|---:|---:|---:|---:|---|---:|---:|---:|---:|", *rows])
+        for method in args.method.split(","):
+            base = None
+            for ranks in [int(r) for r in args.ranks.split(",")]:
+                got = job(args, method, ranks, Path(tmp) / f"{method}-ws{ranks}")
+                r = got["report"]
+                solve = r["solve"]["seconds_per_rank"]
+                moved = max(sum(b) for b in r["solve"]["bytes_per_block_per_rank"])
+                base = base or (max(solve), got["wall"])
+                first = first or base  # the first method's one-rank run: the other methods' times relative to it
+                rows.append(f"| {method} | {ranks} | {got['wall']:.1f} | {r['seconds']['statistics']:.1f} | "
+                            f"{max(solve):.1f} | {', '.join(f'{s:.1f}' for s in solve)} | "
+                            f"{base[0] / max(solve):.2f} | {base[1] / got['wall']:.2f} | "
+                            f"{max(solve) / first[0]:.2f} | {got['wall'] / first[1]:.2f} | {moved / 1e6:.1f} | "
+                            f"{r['pruned_fraction']:.4f} |")
+                print(rows[-1], file=sys.stderr)
+    table = "\n".join(["| method | ranks | wall s | statistics s | solve s (slowest rank) | solve s per rank | "
+                       "solve speedup | wall speedup | solve / first | wall / first | MB moved per rank | "
+                       "pruned fraction |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|", *rows])
     print(table)
     if args.write:
         h, i = args.hidden, args.intermediate
-        replace_marked(Path(args.write), "bench_solve", (
-            f"### SparseGPT solves split over ranks\n\n"
+        marker = "bench_solve" if args.method == "sparsegpt" else f"bench_solve {args.method}"
+        replace_marked(Path(args.write), marker, (
+            f"### {args.method.replace(',', ' and ')} solves split over ranks\n\n"
             f"{time.strftime('%Y-%m-%d')}, {machine('cpu').rsplit(',', 1)[0]}, one thread per process. "
             f"Random Llama, hidden {h}, intermediate {i}, {args.blocks} blocks "
             f"({args.blocks * (4 * h * h + 3 * h * i) / 1e6:.1f}M prunable weights), "

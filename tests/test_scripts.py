@@ -113,9 +113,9 @@ def test_bench_sample(tmp_path, checkpoint):
 def test_bench_solve(tmp_path):
     out = tmp_path / "B.md"
     script(tmp_path, "bench_solve.py", "--hidden", "128", "--intermediate", "320", "--blocks", "2", "--ranks", "1,2",
-           "--nsamples", "2", "--seqlen", "16", "--nm", "--write", str(out))
+           "--nsamples", "2", "--seqlen", "16", "--nm", "--method", "sparsegpt,alps", "--write", str(out))
     text = out.read_text()
-    assert "| 1 | " in text and "| 2 | " in text and text.count("| 0.5000 |") == 2 and "2:4" in text
+    assert "| sparsegpt | 1 | " in text and "| alps | 2 | " in text and text.count("| 0.5000 |") == 4 and "2:4" in text
 
 
 def test_results(tmp_path, checkpoint, corpus):
