@@ -1,12 +1,15 @@
 """ALPS and the refit of any mask (distprune/alps.py): against a port of the reference
 loop, exact counts in every scope, no NaN from singular Hessians, and the refit's error."""
 
+import json
 import re
 
 import pytest
 import torch
 from alps_reference import reference
 from conftest import TINY
+from ranks import why
+from test_distributed import launch, tensors
 
 from distprune import alps, sparsegpt
 from distprune.api import calibrate_and_prune
@@ -134,3 +137,21 @@ def test_refit_settings_are_accepted_where_they_act():
     PruneConfig(method="wanda", refit=True, refit_iters=5, percdamp=0.05).check()
     PruneConfig(method="alps", alps_rho=0.5, alps_max_iter=50, refit_iters=20).check()
     PruneConfig(method="magnitude", refit=True, scope="nm").check()
+
+
+def test_alps_and_refit_do_not_depend_on_the_rank_count(tmp_path):
+    """One process and 3 torchrun ranks, one thread each: the Hessians are reduced onto each
+    layer's owner in float64 (exact), so alps and wanda + refit write identical weights."""
+    args = ["-m", "prune=alps,wanda-refit", "model.dtype=float32", "calib.nsamples=6", "calib.seqlen=32",
+            "calib.batch_size=2", "calib.cache=false"]
+    for ranks in (1, 3):
+        p = launch(ranks, tmp_path / f"ws{ranks}", *args, env={"OMP_NUM_THREADS": "1"}, job="${prune.method}")
+        assert p.returncode == 0, why(p)
+    for job in ("alps", "wanda"):
+        ref, got = tensors(tmp_path / "ws1" / job), tensors(tmp_path / "ws3" / job)
+        assert ref.keys() == got.keys()
+        for name, t in ref.items():
+            assert torch.equal(t, got[name]), (job, name)
+        report = json.loads((tmp_path / "ws3" / job / "distprune_report.json").read_text())
+        assert report["selector"] == ("alps-row" if job == "alps" else "wanda+refit-row")
+        assert report["pruned_fraction"] == pytest.approx(0.5, abs=1e-4)
