@@ -126,6 +126,8 @@ OmegaConf.register_new_resolver("distprune_basename", basename, replace=True)
 # conf/config.yaml: output_dir names the scope, and N:M's group size (nm4, nm8): 2:4 and 4:8 differ
 OmegaConf.register_new_resolver("distprune_scope", lambda scope, m: f"nm{m}" if scope == "nm" else scope,
                                 replace=True)
+# conf/config.yaml: output_dir names a refit (outputs/smollm2-135m-wanda-refit-row-0.5): it is another model
+OmegaConf.register_new_resolver("distprune_refit", lambda refit: "-refit" if refit else "", replace=True)
 
 
 JOB_PARENTS: list[Path] = []  # where this process's sweep jobs wrote, for the summary at its end

@@ -37,7 +37,8 @@ def cli(*args, cwd):
     (["eval.source=/no/test.txt"], "eval.source='/no/test.txt' does not exist"),
     (["prune.sparsity=abc"], "Error merging override prune.sparsity=abc: Value 'abc' of type 'str' could not be "
                              "converted to Float"),
-    (["prune=nope"], "Could not find 'prune/nope': options: magnitude, ria, sparsegpt, sparsegpt-2of4, wanda"),
+    (["prune=nope"], "Could not find 'prune/nope': options: alps, alps-2of4, magnitude, ria, sparsegpt, "
+                     "sparsegpt-2of4, wanda"),
     (["prune=sparsegpt", "prune.scope=global"], "prune.method=sparsegpt does not support prune.scope=global"),
     (["prune=sparsegpt", "prune.percdamp=-0.1"], "prune.percdamp=-0.1 must be >= 0"),
     (["prune=sparsegpt", "prune.blocksize=0"], "prune.blocksize=0 must be at least 1"),
@@ -288,4 +289,5 @@ def test_help_names_the_tool(tmp_path):
     assert p.returncode == 0
     assert p.stdout.startswith("distprune: prune a causal language model")
     assert "powered by Hydra" not in p.stdout
-    assert "prune: magnitude, ria, sparsegpt, sparsegpt-2of4, wanda, wanda-2of4, wanda-global" in p.stdout
+    assert ("prune: alps, alps-2of4, magnitude, ria, sparsegpt, sparsegpt-2of4, wanda, wanda-2of4, wanda-global, "
+            "wanda-refit") in p.stdout
