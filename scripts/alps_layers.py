@@ -31,8 +31,8 @@ from distprune.models import load, prunable_layers  # noqa: E402
 from distprune.select import row_mask, rows_mask  # noqa: E402
 
 
-def hessians(blocks: list[int], matrices: list[str], calib: str, nsamples: int, seqlen: int):
-    loaded = load(ModelConfig())
+def hessians(model_path: str | None, blocks: list[int], matrices: list[str], calib: str, nsamples: int, seqlen: int):
+    loaded = load(ModelConfig(path=model_path) if model_path else ModelConfig())
     model = loaded.model.eval()
     layers = [la for la in prunable_layers(model) if la.block <= max(blocks)]
     keep = {la.name for la in layers if la.block in blocks and la.name.rsplit(".", 1)[1] in matrices}
@@ -69,9 +69,10 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--reference", action="store_true", help="also the reference loop (layer and nm scopes)")
+    p.add_argument("--model-path", default=None, help="another checkpoint than the built-in SmolLM2-135M")
     args = p.parse_args()
-    kept = hessians([int(b) for b in args.blocks.split(",")], args.matrices.split(","), args.calib, args.nsamples,
-                    args.seqlen)
+    kept = hessians(args.model_path, [int(b) for b in args.blocks.split(",")], args.matrices.split(","), args.calib,
+                    args.nsamples, args.seqlen)
     names = ["wanda", "wanda+refit", "sparsegpt", "sparsegpt+refit", "alps"] + (["reference"] * args.reference)
     print(f"| layer | shape | {' | '.join(f'{n} error' for n in names)} | sparsegpt s | alps s | alps / sparsegpt |")
     print("|---|---|" + "---:|" * (len(names) + 3))

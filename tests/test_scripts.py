@@ -16,7 +16,7 @@ from distprune.models import load
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKED = {"bench_select.py", "bench_load.py", "bench_sample.py", "bench_solve.py", "results.py", "gpu_check.sh",
-          "make_checkpoint.py", "upcycle_moe.py"}
+          "make_checkpoint.py", "upcycle_moe.py", "alps_layers.py"}
 
 
 def script(tmp_path, *args, env=None, timeout=600):
@@ -47,6 +47,14 @@ def test_upcycle_moe_writes_a_mixtral_checkpoint(tmp_path, checkpoint):
     moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
     assert moe.config.model_type == "mixtral" and moe.config.num_local_experts == 3
     assert (tmp_path / "moe" / "tokenizer.json").is_file()
+
+
+def test_alps_layers(tmp_path, checkpoint, corpus):
+    p = script(tmp_path, "alps_layers.py", "--model-path", str(checkpoint), "--blocks", "0,1", "--scope", "layer",
+               "--sparsity", "0.5", "--reference", "--calib", str(corpus / "wikitext-2" / "valid.txt"), "--nsamples",
+               "4", "--seqlen", "32")
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and "proj" in line]
+    assert len(rows) == 8 and p.stdout.count("| mean |") == 1  # 4 matrices of 2 blocks
 
 
 def test_bench_select_every_axis(tmp_path):
