@@ -18,7 +18,7 @@ import torch
 
 from distprune import alps, scores, sparsegpt
 from distprune.masks import SCOPES
-from distprune.select import row_mask, rows_mask
+from distprune.select import scope_mask
 from distprune.stats import ChannelSums, Hessians, LayerStats
 
 if TYPE_CHECKING:
@@ -89,13 +89,7 @@ def _refit(method: Method, w: torch.Tensor, h: torch.Tensor, cfg: PruneConfig, k
         first = method.solve(w, h, cfg, k)
         return alps.refit(w, first.mask, h, cfg.refit_iters, cfg.percdamp, start=first.weight)
     st = LayerStats.from_norms((h.diagonal().clamp(min=0) / 2).sqrt()) if method.calibrated else None
-    s = method.score(w.float(), st, cfg).float()
-    if cfg.scope == "layer":
-        mask = row_mask(s.reshape(1, -1), k).view_as(s)
-    elif cfg.scope == "row":
-        mask = rows_mask(s, k)
-    else:
-        mask = row_mask(s.reshape(-1, cfg.m), k * cfg.m // s.numel()).view_as(s)
+    mask = scope_mask(method.score(w.float(), st, cfg).float(), k, cfg.scope, cfg.m)
     return alps.refit(w, mask, h, cfg.refit_iters, cfg.percdamp)
 
 

@@ -377,6 +377,17 @@ def extra_rows(scores: torch.Tensor, q: int, r: int) -> torch.Tensor:
     return more
 
 
+def scope_mask(scores: torch.Tensor, k: int, scope: str, m: int = 4) -> torch.Tensor:
+    """The k lowest scores of one layer (out, in) under a per-layer scope: ``layer`` (any k,
+    ties by index), ``row`` (``rows_mask``) or ``nm`` (k * m / numel of every m consecutive
+    weights of a row)."""
+    if scope == "layer":
+        return row_mask(scores.reshape(1, -1), k).view_as(scores)
+    if scope == "row":
+        return rows_mask(scores, k)
+    return row_mask(scores.reshape(-1, m), k * m // scores.numel()).view_as(scores)
+
+
 def rows_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per-row selection of k weights of a layer in all: every row loses k // rows, and the
     k % rows rows that ``extra_rows`` names one more."""

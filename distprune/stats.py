@@ -219,8 +219,8 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
     (``dist.batch_share``); the accumulator reduces over ranks. ``blocks_from`` reads each
     block before it runs and drops it after (a streamed model, stream.py); a pass that only
     collects statistics (no ``on_block``) reads the experts of a block this rank does not
-    hold one expert at a time (``_streamed_experts``). ``moe_policy``: which tokens an expert's statistics come from
-    (moe.py). Experts modules run moe.forward, one expert after another, whether in memory
+    hold one expert at a time (``_streamed_experts``). ``moe_policy``: which tokens an
+    expert's statistics come from (moe.py). Experts modules run moe.forward, one expert after another, whether in memory
     or on disk: the numbers are the same either way, so on any number of ranks."""
     if mode not in ("oneshot", "sequential"):
         raise ValueError(f"unknown calibration mode {mode!r}")

@@ -127,6 +127,9 @@ class Streamed:
         for name, m in model.named_modules(remove_duplicate=False):
             for attr in [*m._parameters, *m._buffers]:
                 self.slots[f"{name}.{attr}" if name else attr] = (m, attr)
+        self._name_of: dict[tuple[int, str], str] = {}  # (id(module), attr) -> its first name (read_expert)
+        for name, (m, attr) in self.slots.items():
+            self._name_of.setdefault((id(m), attr), name)
         self.groups = tie_groups(model)  # tied names share one tensor, stored under one of them
         # where each group is on disk: under one of its names, under another name, or in pieces
         # (``sources``: a checkpoint in a layout that from_pretrained converts, writer.disk_sources)
@@ -184,7 +187,7 @@ class Streamed:
         """Expert e of the fused tensor ``module.<attr>`` (gate_up_proj, down_proj), from the
         checkpoint, in the model's dtype: from its per-expert pieces, or a slice of the fused
         tensor on disk."""
-        name = next(n for n, slot in self.slots.items() if slot == (module, attr))
+        name = self._name_of[(id(module), attr)]
         group = next(g for g in self.groups if name in g)
         ref, src = getattr(module, attr), self.stored[group[0]]
         if isinstance(src, list):

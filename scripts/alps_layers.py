@@ -28,7 +28,7 @@ from alps_reference import reference  # noqa: E402
 from distprune import alps, data, sparsegpt, stats  # noqa: E402
 from distprune.config import ModelConfig  # noqa: E402
 from distprune.models import load, prunable_layers  # noqa: E402
-from distprune.select import row_mask, rows_mask  # noqa: E402
+from distprune.select import scope_mask  # noqa: E402
 
 
 def hessians(model_path: str | None, blocks: list[int], matrices: list[str], calib: str, nsamples: int, seqlen: int):
@@ -49,14 +49,6 @@ def hessians(model_path: str | None, blocks: list[int], matrices: list[str], cal
 
     stats.collect(model, layers, windows, "cpu", acc, "oneshot", on_block, batch_size=4, show=False)
     return kept
-
-
-def mask_of(scores: torch.Tensor, k: int, scope: str, m: int) -> torch.Tensor:
-    if scope == "row":
-        return rows_mask(scores, k)
-    if scope == "nm":
-        return row_mask(scores.reshape(-1, m), k * m // scores.numel()).view_as(scores)
-    return row_mask(scores.reshape(1, -1), k).view_as(scores)
 
 
 def main() -> None:
@@ -87,7 +79,7 @@ def main() -> None:
 
         got, secs = {}, {}
         scores = w.abs() * (h.diagonal() / 2).sqrt().float()[None, :]
-        wmask = mask_of(scores, k, args.scope, 4)
+        wmask = scope_mask(scores, k, args.scope, 4)
         got["wanda"] = err(w.masked_fill(wmask, 0))
         got["wanda+refit"] = err(alps.refit(w, wmask, h).weight)
         t0 = time.perf_counter()
