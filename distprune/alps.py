@@ -65,13 +65,30 @@ class Projection:
         s = (b * b).t()  # (rows, cols): W's layout, so that ties go by W's index
         if self.scope == "layer":
             mask = row_mask(s.reshape(1, -1), self.k).view_as(s)
+        elif self.scope == "row" and bool(self.more.any()):
+            mask = self._rows(s)
         elif self.scope == "row":
-            mask = torch.empty_like(s, dtype=torch.bool)
-            mask[self.more] = row_mask(s[self.more], self.q + 1)
-            mask[~self.more] = row_mask(s[~self.more], self.q)
+            mask = row_mask(s, self.q)
         else:
             mask = row_mask(s.reshape(-1, self.m), self.n).view_as(s)
         return mask.t()
+
+    def _rows(self, s: torch.Tensor) -> torch.Tensor:
+        """row_mask with q + 1 in the rows ``more`` and q elsewhere, from one partial sort:
+        the q + 1 smallest scores of each row hold both thresholds."""
+        q = self.q
+        low = torch.topk(s, q + 1, dim=1, largest=False, sorted=False).values
+        t = low.max(1, keepdim=True).values  # the (q + 1)-th smallest
+        if q:
+            qth = torch.topk(low, 2, dim=1).values[:, 1:]
+            t = torch.where(self.more[:, None], t, qth)
+        else:
+            t = torch.where(self.more[:, None], t, torch.full_like(t, -torch.inf))
+        mask = s < t
+        eq = s == t
+        need = (q + self.more.to(torch.long))[:, None] - mask.sum(1, keepdim=True)
+        mask |= eq & (torch.cumsum(eq, 1) <= need)
+        return mask
 
 
 def conjugate_gradients(hn: torch.Tensor, target: torch.Tensor, x: torch.Tensor, keep: torch.Tensor,
@@ -121,8 +138,9 @@ def refit(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, iters
     values."""
     hn, b0, d, _dead = _normalize(weight, hessian, percdamp)
     x0 = (start.double() * d[None, :]).t() if start is not None else b0
-    x = conjugate_gradients(hn, hn @ b0, x0, ~mask.t(), iters)
-    return _result(x, b0, hn, d, mask.t(), percdamp)
+    hn32 = hn.float()
+    x = conjugate_gradients(hn32, hn32 @ b0.float(), x0.float(), ~mask.t(), iters)
+    return _result(x.double(), b0, hn, d, mask.t(), percdamp)
 
 
 @torch.no_grad()
@@ -175,8 +193,8 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, k: int, scope: str = "lay
         if it >= switch_iter and change / kept < 0.0003:
             break
     mask = project(b)
-    x = conjugate_gradients(hn, hn @ b0, b.double().masked_fill(mask, 0.0), ~mask, refit_iters)
-    return _result(x, b0, hn, d, mask, percdamp)
+    x = conjugate_gradients(hn32, target, b.masked_fill(mask, 0.0), ~mask, refit_iters)
+    return _result(x.double(), b0, hn, d, mask, percdamp)
 
 
 def solve_cost(rows: int, cols: int) -> float:
