@@ -19,9 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distprune import checkpoint, data, dist, models, stats, summarize, sweep, writer
+from distprune import checkpoint, data, dist, models, stats, summarize, sweep, writer, zeroshot
 from distprune.api import PruneResult, calibrate_and_prune, prune
-from distprune.config import Config, ConfigError, register_configs
+from distprune.config import Config, ConfigError, ModelConfig, register_configs
 from distprune.dist import SINGLE, Comm
 from distprune.perplexity import blockwise_perplexity
 from distprune.select import NonFiniteScoreError
@@ -72,6 +72,31 @@ def evaluate_ppl(cfg: Config, loaded: models.LoadedModel, windows: torch.Tensor,
                  before_block: Callable[[int], None] | None = None) -> float:
     """Perplexity, block by block (one block in memory and on the device at a time)."""
     return blockwise_perplexity(loaded.model, windows, cfg.eval.batch_size, device, loaded.stream, comm, before_block)
+
+
+def zeroshot_scores(cfg: Config, model, tokenizer, device: str) -> dict[str, dict[str, float]]:
+    """This process's lm-eval run of eval.tasks on a whole model (moved to the device and back)."""
+    move(model, device)
+    try:
+        return zeroshot.evaluate(model, tokenizer, cfg.eval.tasks, cfg.eval.task_path, cfg.eval.num_fewshot,
+                                 cfg.eval.limit, cfg.eval.batch_size)
+    finally:
+        move(model, "cpu")
+
+
+def zeroshot_from(model_cfg: ModelConfig, cfg: Config, device: str) -> dict[str, dict[str, float]]:
+    """eval.tasks on a checkpoint loaded in full for the purpose (a streamed model is whole on no rank)."""
+    loaded = models.load(model_cfg, "cpu")
+    return zeroshot_scores(cfg, loaded.model, loaded.tokenizer, device)
+
+
+def log_zeroshot(scores: dict[str, dict[str, dict[str, float]]], seconds: float) -> None:
+    for task in next(iter(scores.values())):
+        log.info("zeroshot: %s %s", task, ", ".join(f"{which} {' '.join(f'{m} {v:.4f}' for m, v in got[task].items())}"
+                                                      for which, got in scores.items()))
+    means = {which: zeroshot.mean_acc(got) for which, got in scores.items()}
+    log.info("zeroshot: mean acc %s in %.1fs", ", ".join(f"{k} {v:.4f}" for k, v in means.items() if v is not None),
+             seconds)
 
 
 def streams(cfg: Config) -> bool:
@@ -174,6 +199,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     sweep pass one SweepModels so that the model is loaded once."""
     cfg.check()
     models.check_source(cfg.model)
+    zeroshot.check(cfg.eval.tasks, cfg.eval.task_path)
     if cfg.prune.spec.calibrated:
         data.check_source(cfg.calib.source, "calib.source")
     if cfg.eval.source:
@@ -197,6 +223,12 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
              seconds["load"])
     if comm.world_size > 1:
         log.info("ranks: %d, layers per rank %s", comm.world_size, [len(p) for p in parts])
+    resident = not loaded.stream.streamed  # every rank holds the whole model
+    if cfg.eval.tasks and loaded.tokenizer is None:
+        raise ConfigError("eval.tasks needs a tokenizer; this model has none")
+    if cfg.eval.tasks and not resident and not cfg.save:
+        raise ConfigError("eval.tasks on a streamed model evaluates the written checkpoint: drop save=false, or pass "
+                          "model.stream=false to hold the model in memory")
 
     ppl, windows = {}, None
     if cfg.eval.source:
@@ -206,12 +238,25 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
             with phase(seconds, "eval_dense"):
                 return evaluate_ppl(cfg, loaded, windows, device, comm)
 
-        ppl["dense"], reused = shared.dense_perplexity(cfg.model, cfg.eval, dense) if shared else (dense(), False)
+        ppl["dense"], reused = (shared.dense_result("perplexity", cfg.model, cfg.eval, dense) if shared
+                                else (dense(), False))
         if reused:
             log.info("eval: dense perplexity %.3f (from an earlier job of this sweep)", ppl["dense"])
         else:
             log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source,
                      seconds["eval_dense"])
+
+    scores = {}  # zero-shot accuracies: "dense", "pruned"
+    if cfg.eval.tasks and cfg.eval.dense:
+        def dense_scores() -> dict:
+            with phase(seconds, "zeroshot_dense"):
+                return comm.on_main(lambda: zeroshot_scores(cfg, loaded.model, loaded.tokenizer, device) if resident
+                                    else zeroshot_from(cfg.model, cfg, device))
+
+        scores["dense"], reused = (shared.dense_result("zeroshot", cfg.model, cfg.eval, dense_scores) if shared
+                                   else (dense_scores(), False))
+        if reused:
+            log.info("zeroshot: dense accuracies from an earlier job of this sweep")
 
     sent = comm.bytes_communicated  # count statistics and selection only: loading and evaluation gather too
     result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm, seconds)
@@ -258,6 +303,14 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         log.info("eval: pruned perplexity %.3f (dense %s) in %.1fs", ppl["pruned"],
                  f"{ppl['dense']:.3f}" if "dense" in ppl else "not evaluated", seconds["eval"])
 
+    if cfg.eval.tasks and resident:
+        if comm.world_size > 1:  # rank 0 gets every pruned weight from its owner
+            share = from_owners(parts, comm)
+            for i in range(len(models.decoder_blocks(loaded.model))):
+                share(i)
+        with phase(seconds, "zeroshot"):
+            scores["pruned"] = comm.on_main(lambda: zeroshot_scores(cfg, loaded.model, loaded.tokenizer, device))
+
     # peak resident memory of each rank's process so far (a sweep: over its jobs so far)
     rss = comm.all_gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     report = {
@@ -271,6 +324,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         "weights": coverage.as_dict(),  # every parameter of the model, by what was done with it
         **summary,
         "perplexity": ppl or None,
+        "zeroshot": None,  # below, once the pruned model is evaluated
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
         "peak_rss_gib": max(rss),
         "peak_rss_gib_per_rank": rss,
@@ -284,6 +338,14 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
                     models.share_split(parts, comm)
                 writer.write_checkpoint(tmp, loaded.model, loaded.tokenizer, cfg.max_shard_size,
                                         models.writer_parts(parts), comm, loaded.stream.read)
+        if cfg.eval.tasks and not resident:  # from the checkpoint just written
+            comm.barrier()
+            with phase(seconds, "zeroshot"):
+                scores["pruned"] = comm.on_main(lambda: zeroshot_from(
+                    ModelConfig(name=cfg.model.name, path=str(tmp), dtype=cfg.model.dtype), cfg, device))
+        if cfg.eval.tasks:
+            log_zeroshot(scores, seconds["zeroshot"] + seconds.get("zeroshot_dense", 0.0))
+            report["zeroshot"] = {**scores, "mean_acc": {k: zeroshot.mean_acc(v) for k, v in scores.items()}}
         if comm.is_main:
             checkpoint.write_report(tmp, report)
             if varied:
@@ -380,22 +442,37 @@ def entry(app: Callable[[], None]) -> None:
 
 
 def run_eval(cfg: Config) -> dict:
-    """Perplexity of the model that cfg names; no pruning."""
+    """Perplexity (eval.source) and zero-shot accuracy (eval.tasks) of the model that cfg
+    names; no pruning."""
     cfg.model.check()
     cfg.eval.check()
-    if not cfg.eval.source:
-        raise ConfigError("eval.source is not set: pass eval=wikitext2-local or eval.source=FILE")
+    if not cfg.eval.source and not cfg.eval.tasks:
+        raise ConfigError("eval.source is not set and eval.tasks is empty: pass eval=wikitext2-local (or "
+                          "eval.source=FILE), eval.tasks=[...], or both")
     models.check_source(cfg.model)
-    data.check_source(cfg.eval.source, "eval.source")
+    zeroshot.check(cfg.eval.tasks, cfg.eval.task_path)
+    if cfg.eval.source:
+        data.check_source(cfg.eval.source, "eval.source")
     t0 = time.perf_counter()
-    found = models.load_streamed(cfg.model, models.outside_keys) if cfg.model.stream else None
+    # zero-shot runs the whole model: a streamed load holds only what perplexity needs at once
+    found = models.load_streamed(cfg.model, models.outside_keys) if cfg.model.stream and not cfg.eval.tasks else None
     loaded = found[0] if found is not None else models.load(cfg.model, "cpu")
-    models.check_context(loaded.model, {"eval.seqlen": cfg.eval.seqlen})
     models.check_finite(loaded.model)
-    ppl = evaluate_ppl(cfg, loaded, eval_windows(cfg, loaded.tokenizer), resolve_device(cfg.device))
-    result = {"model": loaded.source, "eval_source": cfg.eval.source, "seqlen": cfg.eval.seqlen,
-              "max_windows": cfg.eval.max_windows, "perplexity": ppl, "seconds": round(time.perf_counter() - t0, 2)}
-    log.info("eval: perplexity %.3f of %s on %s", ppl, loaded.source, cfg.eval.source)
+    device = resolve_device(cfg.device)
+    result = {"model": loaded.source}
+    if cfg.eval.source:
+        models.check_context(loaded.model, {"eval.seqlen": cfg.eval.seqlen})
+        ppl = evaluate_ppl(cfg, loaded, eval_windows(cfg, loaded.tokenizer), device)
+        result.update({"eval_source": cfg.eval.source, "seqlen": cfg.eval.seqlen, "max_windows": cfg.eval.max_windows,
+                       "perplexity": ppl})
+        log.info("eval: perplexity %.3f of %s on %s", ppl, loaded.source, cfg.eval.source)
+    if cfg.eval.tasks:
+        t1 = time.perf_counter()
+        scores = zeroshot_scores(cfg, loaded.model, loaded.tokenizer, device)
+        log_zeroshot({"model": scores}, time.perf_counter() - t1)
+        result["zeroshot"] = scores
+        result["mean_acc"] = zeroshot.mean_acc(scores)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(result))
     return result
 

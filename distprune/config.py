@@ -222,11 +222,25 @@ class EvalConfig:
     max_windows: int | None = None  # None: every non-overlapping window of the text
     batch_size: int = 4
     dense: bool = True  # also evaluate the model before pruning, for a side-by-side cost
+    # zero-shot (or few-shot) accuracy through lm-evaluation-harness (zeroshot.py): its task
+    # names, e.g. [arc_easy,hellaswag]; task_path: a folder of the user's own YAML tasks
+    tasks: list[str] = field(default_factory=list)
+    task_path: str | None = None
+    num_fewshot: int = 0
+    limit: int | None = None  # at most this many examples per task (None: all)
 
     def check(self) -> None:
         if self.seqlen < 2 or self.batch_size < 1 or (self.max_windows is not None and self.max_windows < 1):
             raise ConfigError(f"eval.seqlen={self.seqlen}, eval.batch_size={self.batch_size} and "
                               f"eval.max_windows={self.max_windows} must be >= 2, >= 1 and >= 1")
+        if self.num_fewshot < 0 or (self.limit is not None and self.limit < 1):
+            raise ConfigError(f"eval.num_fewshot={self.num_fewshot} and eval.limit={self.limit} must be >= 0 and >= 1")
+        if not self.tasks:
+            for key in ("task_path", "limit"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"eval.{key} has no effect without eval.tasks")
+            if self.num_fewshot:
+                raise ConfigError("eval.num_fewshot has no effect without eval.tasks")
 
 
 @dataclass

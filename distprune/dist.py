@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch
 
+from distprune.errors import ConfigError
+
 
 class Comm:
     """Collectives over the default process group (or none, for one process)."""
@@ -25,6 +27,7 @@ class Comm:
         self.rank = self._dist.get_rank() if self._dist else 0
         self.world_size = self._dist.get_world_size() if self._dist else 1
         self.bytes_communicated = 0  # payload bytes this rank sent into collectives
+        self._waiting = None  # on_main's group, made on first use
 
     @property
     def is_main(self) -> bool:
@@ -124,6 +127,31 @@ class Comm:
     def barrier(self) -> None:
         if self._dist:
             self._dist.barrier()
+
+    def on_main(self, fn, timeout_s: float = 7 * 24 * 3600.0):
+        """fn() on rank 0 only, and its (picklable) result on every rank. The other ranks
+        wait for as long as rank 0 takes (up to timeout_s: the default group's timeout is
+        for collectives, not for rank 0's evaluation), on a gloo group of their own. If fn
+        raises, rank 0 raises it and the other ranks a ConfigError or RuntimeError with
+        its message."""
+        if not self._dist:
+            return fn()
+        if self._waiting is None:  # every rank gets here in the same order
+            self._waiting = self._dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        box, error = [None], None
+        if self.is_main:
+            try:
+                box[0] = ("ok", fn())
+            except BaseException as e:
+                error, box[0] = e, ("error", (isinstance(e, ConfigError), str(e).splitlines()[0] if str(e) else ""))
+        self._dist.broadcast_object_list(box, src=0, group=self._waiting)
+        if error is not None:
+            raise error
+        status, value = box[0]
+        if status == "error":
+            config, message = value
+            raise (ConfigError if config else RuntimeError)(f"rank 0: {message}")
+        return value
 
 
 SINGLE = Comm()  # one process: every collective is the identity

@@ -230,7 +230,26 @@ def _random(cfg: ModelConfig, dtype) -> LoadedModel:
     _check_causal(config, f"random:{model_type}")
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype)
-    return LoadedModel(model, None, f"random:{model_type}")
+    tokenizer = byte_tokenizer() if config.get_text_config().vocab_size >= 256 else None
+    return LoadedModel(model, tokenizer, f"random:{model_type}")
+
+
+def byte_tokenizer():
+    """A tokenizer whose tokens are the 256 bytes of UTF-8 text (id = byte value; byte 0
+    is also the end of text), so that a random-weight model with a vocabulary of at least
+    256 reads any text: calibration and evaluation text, zero-shot tasks."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    # GPT-2's printable stand-ins for the bytes, in byte order (what ByteLevel maps them to)
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    tok = Tokenizer(tokenizer_models.BPE({c: i for i, c in enumerate(chars)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=chars[0], bos_token=chars[0])
 
 
 def _from_path(path: str, dtype) -> LoadedModel:

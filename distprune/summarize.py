@@ -13,10 +13,11 @@ from pathlib import Path
 from distprune.checkpoint import REPORT
 
 LINE_KEYS = ("model", "method", "scope", "mode", "selector", "allocation", "normalize", "owl_m", "owl_lambda")
-PHASES = ("load", "eval_dense", "statistics", "allocate", "score+select", "mask", "solve", "eval", "save")
+PHASES = ("load", "eval_dense", "zeroshot_dense", "statistics", "allocate", "score+select", "mask", "solve", "eval",
+          "zeroshot", "save")
 COLUMNS = ("job", "model", "method", "scope", "selector", "mode", "allocation", "normalize", "owl_m", "owl_lambda",
-           "target_sparsity", "achieved_sparsity", "perplexity",
-           "dense_perplexity", *(f"{p}_s" for p in PHASES), "peak_rss_gib", "peak_gpu_gib", "world_size")
+           "target_sparsity", "achieved_sparsity", "perplexity", "dense_perplexity", "mean_acc", "dense_mean_acc",
+           *(f"{p}_s" for p in PHASES), "peak_rss_gib", "peak_gpu_gib", "world_size")
 
 
 def rows(sweep_dir: Path) -> list[dict]:
@@ -24,6 +25,7 @@ def rows(sweep_dir: Path) -> list[dict]:
     for path in sorted(sweep_dir.glob(f"*/{REPORT}")):
         r = json.loads(path.read_text())
         ppl = r.get("perplexity") or {}
+        zs = r.get("zeroshot") or {}
         out.append({
             "job": path.parent.name, "model": _model_name(r), "method": r["method"],
             "scope": f"n:{r['m']}" if r["scope"] == "nm" else r["scope"],  # N:M with M=4 reads n:4
@@ -35,9 +37,11 @@ def rows(sweep_dir: Path) -> list[dict]:
             "target_sparsity": r["target_sparsity"],
             "achieved_sparsity": round(r["achieved_sparsity"], 6), "perplexity": ppl.get("pruned"),
             "dense_perplexity": ppl.get("dense"),
+            "mean_acc": zs.get("mean_acc", {}).get("pruned"), "dense_mean_acc": zs.get("mean_acc", {}).get("dense"),
             **{f"{p}_s": r["seconds"].get(p) for p in PHASES},
             "peak_rss_gib": r.get("peak_rss_gib"), "peak_gpu_gib": r.get("peak_gpu_gib"),
             "world_size": r["world_size"],
+            **{f"{task}_{m}": v for task, got in zs.get("pruned", {}).items() for m, v in got.items()},
         })
     return sorted(out, key=lambda x: (x["model"], x["method"], x["scope"], x["mode"], x["allocation"], x["normalize"],
                                       x["owl_m"] or 0, x["owl_lambda"] or 0, x["target_sparsity"]))
@@ -59,12 +63,14 @@ def write(sweep_dir: Path) -> list[dict]:
     table = rows(sweep_dir)
     if not table:
         raise FileNotFoundError(f"no {REPORT} under {sweep_dir}/*/")
+    # the zero-shot tasks' accuracies of the pruned model (TASK_acc, TASK_acc_norm) after the fixed columns
+    columns = [*COLUMNS, *sorted({k for r in table for k in r} - set(COLUMNS))]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns, restval="")
         w.writeheader()
         w.writerows(table)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in table]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in table]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     if any(r["perplexity"] is not None for r in table):
         plot(table, sweep_dir / "summary.png")

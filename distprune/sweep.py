@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.experimental.callback import Callback
@@ -40,7 +41,7 @@ class SweepModels:
         self.key: str | None = None
         self.loaded: LoadedModel | None = None
         self.dense: dict[str, torch.Tensor] = {}
-        self._dense_ppl: dict[str, float] = {}  # (model, eval settings) -> perplexity of the dense model
+        self._dense: dict[str, object] = {}  # (what, model, eval settings) -> the dense model's result
 
     def get(self, cfg: ModelConfig, load: Callable[[], tuple[LoadedModel, dict]], how: list
             ) -> tuple[LoadedModel, dict]:
@@ -64,16 +65,16 @@ class SweepModels:
         self.key, self.loaded = key, loaded
         return loaded, loaded_how
 
-    def dense_perplexity(self, model: ModelConfig, evaluation: EvalConfig,
-                         compute: Callable[[], float]) -> tuple[float, bool]:
-        """(the dense model's perplexity, True when an earlier job computed it): the same
-        model and evaluation settings give the same windows and the same number."""
-        key = json.dumps([fingerprint(model), OmegaConf.to_container(OmegaConf.structured(evaluation))],
+    def dense_result(self, what: str, model: ModelConfig, evaluation: EvalConfig, compute: Callable[[], Any]
+                     ) -> tuple[Any, bool]:
+        """(the dense model's ``what`` (perplexity, zeroshot), True when an earlier job
+        computed it): the same model and evaluation settings give the same numbers."""
+        key = json.dumps([what, fingerprint(model), OmegaConf.to_container(OmegaConf.structured(evaluation))],
                          sort_keys=True, default=str)
-        if key in self._dense_ppl:
-            return self._dense_ppl[key], True
-        self._dense_ppl[key] = compute()
-        return self._dense_ppl[key], False
+        if key in self._dense:
+            return self._dense[key], True
+        self._dense[key] = compute()
+        return self._dense[key], False
 
 
 MODELS = SweepModels()  # one per process

@@ -57,7 +57,8 @@ def test_two_processes_racing_for_one_output_dir(tmp_path):
     loser = next(err for code, err in results if code == 2)
     assert "is not empty" in loser or "was filled by another job" in loser
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "config.json", "distprune_report.json", "generation_config.json", "model.safetensors"]
+        "config.json", "distprune_report.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
     assert leftovers(tmp_path) == []
 
 
