@@ -378,13 +378,21 @@ def setup_logging(comm: Comm) -> None:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
     dist.exit_on_sigterm()
-    comm = dist.init()
+    try:
+        dist.check_device(dcfg.device)
+    except ConfigError as e:
+        tag = f" rank {os.environ.get('RANK', '0')}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"distprune{tag}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    comm = dist.init(device=dcfg.device)
     setup_logging(comm)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     cfg = OmegaConf.to_object(dcfg)
     if multirun:
         cfg.output_dir = sweep.job_output_dir(cfg.output_dir, hc)
+        if hc.job.num == 0:  # Hydra announces the first job before this process's logging is set up
+            log.info("\t#0 : %s", " ".join(hc.overrides.task))
     try:
         run(cfg, comm, sweep.MODELS if multirun else None)
     except BaseException as e:
@@ -417,6 +425,28 @@ def _one_line(e: BaseException) -> str:
     return ": ".join(dict.fromkeys(lines)) or type(e).__name__
 
 
+HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--resolve", "--package", "-p", "--run",
+               "-r", "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun", "--info", "-i")
+# the flags of the Wanda and SparseGPT scripts, and what they are here
+FLAG_HINTS = {"--model": "model=hf model.path=...", "--sparsity_ratio": "prune.sparsity=...",
+              "--sparsity": "prune.sparsity=...", "--prune_method": "prune.method=...",
+              "--sparsity_type": "prune.scope=nm prune.m=4 (2:4), prune.m=8 (4:8)", "--nsamples": "calib.nsamples=...",
+              "--seed": "calib.seed=...", "--save_model": "output_dir=...", "--save": "output_dir=...",
+              "--device": "device=...", "--blocksize": "prune.blocksize=...", "--percdamp": "prune.percdamp=..."}
+
+
+def flag_error(argv: list[str]) -> str | None:
+    """One line for ``--key value`` flags (distprune takes ``key=value``), with what the
+    common flags of the reference scripts are called here."""
+    flags = [a.split("=", 1)[0] for a in argv if a.startswith("-") and a.split("=", 1)[0] not in HYDRA_FLAGS]
+    if not flags:
+        return None
+    hints = [f"{f} -> {FLAG_HINTS[f]}" for f in flags if f in FLAG_HINTS]
+    return (f"unknown option {flags[0]}: distprune takes key=value settings"
+            + (f" ({'; '.join(hints)})" if hints else " (e.g. prune.sparsity=0.5; every key: --cfg job)"))
+
+
 def entry(app: Callable[[], None]) -> None:
     """What ``python -m distprune`` (and ``distprune.eval``) run: the Hydra app, with bad
     settings that Hydra itself rejects (a value of the wrong type, an unknown key or
@@ -429,6 +459,10 @@ def entry(app: Callable[[], None]) -> None:
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them and exiting 1
     tag = f" rank {os.environ.get('RANK', '0')}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    bad_flags = flag_error(sys.argv[1:])
+    if bad_flags:
+        print(f"distprune{tag}: error: {bad_flags}", file=sys.stderr)
+        sys.exit(2)
     try:
         app()
     except KeyboardInterrupt:
@@ -446,6 +480,7 @@ def run_eval(cfg: Config) -> dict:
     names; no pruning."""
     cfg.model.check()
     cfg.eval.check()
+    dist.check_device(cfg.device)
     if not cfg.eval.source and not cfg.eval.tasks:
         raise ConfigError("eval.source is not set and eval.tasks is empty: pass eval=wikitext2-local (or "
                           "eval.source=FILE), eval.tasks=[...], or both")
@@ -485,3 +520,13 @@ def eval_main(dcfg: DictConfig) -> None:
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)
+
+
+def console() -> None:
+    """The ``distprune`` command (pyproject's [project.scripts]): ``python -m distprune``."""
+    entry(main)
+
+
+def console_eval() -> None:
+    """The ``distprune-eval`` command: ``python -m distprune.eval``."""
+    entry(eval_main)

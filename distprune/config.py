@@ -40,6 +40,9 @@ class ModelConfig:
 
     def check(self) -> None:
         _one_of("model.dtype", self.dtype, DTYPES)
+        if self.random is not None and self.path is not None:
+            raise ConfigError(f"model.path={self.path!r} with model={self.name}, a random-weight preset: pass model=hf "
+                              "model.path=... for a checkpoint")
 
 
 @dataclass

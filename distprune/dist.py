@@ -8,6 +8,7 @@ path serves one process and many.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from datetime import timedelta
@@ -167,16 +168,35 @@ def batch_share(count: int, batch_size: int, comm: Comm = SINGLE) -> slice:
     return slice(int(batches[0]) * batch_size, min((int(batches[-1]) + 1) * batch_size, count))
 
 
-def init(timeout_s: float = 600.0) -> Comm:
+def check_device(device: str) -> None:
+    """Before anything is loaded: the device exists, and a node's ranks have a GPU each
+    (one line, instead of a CUDA traceback after the model has loaded)."""
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device not in ("auto", "cpu") and m is None:
+        raise ConfigError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N")
+    if m is not None and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: this torch ({torch.__version__}) sees no CUDA device; pass device=cpu "
+                          "(or auto)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if m is not None and m.group(1) is not None and int(m.group(1)) >= count:
+        raise ConfigError(f"device={device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device != "cpu" and count and ranks > count:
+        raise ConfigError(f"{ranks} ranks on this node but {count} GPU(s) (device={device}): launch at most one rank "
+                          f"per GPU (torchrun --nproc_per_node {count}), or pass device=cpu")
+
+
+def init(timeout_s: float = 600.0, device: str = "auto") -> Comm:
     """Join the process group that torchrun / accelerate launch announced in the
-    environment (WORLD_SIZE > 1): NCCL when each rank has a GPU, gloo otherwise. A plain
-    process gets the single-process Comm and needs no process group."""
+    environment (WORLD_SIZE > 1): NCCL when each rank has a GPU (and device is not cpu),
+    gloo otherwise. A plain process gets the single-process Comm and needs no process
+    group."""
     import torch.distributed as tdist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return SINGLE
     if not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))

@@ -137,6 +137,28 @@ def check_source(cfg: ModelConfig) -> None:
         return
     if not HUB_ID.match(cfg.path):
         raise ConfigError(f"model.path={cfg.path!r} does not exist")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(cfg.path, "config.json"), str) and not hub_reachable():
+        raise ConfigError(f"model.path={cfg.path!r} is not a local directory, not in the Hugging Face cache, and the "
+                          f"hub is not reachable from here: download it elsewhere (hf download {cfg.path} --local-dir "
+                          "DIR) and pass model.path=DIR")
+
+
+def hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (HF_HUB_OFFLINE=1: never), so
+    that an offline machine gets one line instead of from_pretrained's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def check_not_quantized(path: str, config: dict) -> None:

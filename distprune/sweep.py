@@ -124,6 +124,10 @@ OmegaConf.register_new_resolver("distprune_job_dir", lambda task, num: sweep_job
                                 replace=True)
 # conf/model/hf.yaml: name: ${distprune_basename:${.path}}, e.g. Llama-2-7b-hf for meta-llama/Llama-2-7b-hf
 OmegaConf.register_new_resolver("distprune_basename", basename, replace=True)
+# conf/model/smollm2-135m.yaml: name: ${distprune_name:smollm2-135m,${.path}}: model.path=DIR without
+# model=hf is that HF model, named after DIR (outputs/DIR-...), not after the default preset
+OmegaConf.register_new_resolver("distprune_name", lambda preset, path: basename(path) if path else preset,
+                                replace=True)
 # conf/config.yaml: output_dir names the scope, and N:M's group size (nm4, nm8): 2:4 and 4:8 differ
 OmegaConf.register_new_resolver("distprune_scope", lambda scope, m: f"nm{m}" if scope == "nm" else scope,
                                 replace=True)

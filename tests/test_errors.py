@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,9 @@ def cli(*args, cwd):
 
 @pytest.mark.parametrize("args, message", [
     (["prune.sparsity=1.0"], "prune.sparsity=1.0 is outside [0, 1)"),
+    (["device=gpu"], "device='gpu' is not one of auto, cpu, cuda, cuda:N"),  # before loading
+    (["model.path=/some/model"], "model.path='/some/model' with model=tiny-llama, a random-weight preset: pass "
+                                 "model=hf model.path=... for a checkpoint"),
     (["prune.method=obs"], "prune.method='obs' is not one of"),
     (["model=hf", "model.path=/no/such/model"], "model.path='/no/such/model' does not exist"),
     (["prune.sparsity=half"], "prune.sparsity"),  # Hydra's type check, before any model loads
@@ -291,3 +295,63 @@ def test_help_names_the_tool(tmp_path):
     assert "powered by Hydra" not in p.stdout
     assert ("prune: alps, alps-2of4, magnitude, ria, sparsegpt, sparsegpt-2of4, wanda, wanda-2of4, wanda-global, "
             "wanda-refit") in p.stdout
+
+
+@pytest.mark.parametrize("gpus, device, ranks, message", [
+    (0, "cuda", 1, "device=cuda: this torch"),
+    (0, "cuda:0", 1, "sees no CUDA device; pass device=cpu"),
+    (2, "cuda:2", 1, "device=cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
+    (2, "cuda", 4, "4 ranks on this node but 2 GPU(s) (device=cuda)"),
+    (2, "auto", 3, "3 ranks on this node but 2 GPU(s) (device=auto): launch at most one rank per GPU "
+                   "(torchrun --nproc_per_node 2), or pass device=cpu"),
+])
+def test_device_errors_name_the_device_and_the_counts(monkeypatch, gpus, device, ranks, message):
+    from distprune import dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dist.check_device(device)
+
+
+@pytest.mark.parametrize("gpus, device, ranks", [(0, "cpu", 3), (0, "auto", 3), (2, "cuda", 2), (2, "cuda:1", 1),
+                                                 (1, "cpu", 4)])
+def test_devices_that_exist_pass(monkeypatch, gpus, device, ranks):
+    from distprune import dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    dist.check_device(device)
+
+
+def test_a_path_without_model_hf_is_that_model_and_names_the_output():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from distprune.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("config", overrides=["model.path=/models/MyModel"]))
+        default = OmegaConf.to_object(compose("config"))
+    assert (cfg.model.name, cfg.model.path) == ("MyModel", "/models/MyModel")
+    assert cfg.output_dir == "outputs/MyModel-wanda-row-0.5"
+    assert default.model.name == "smollm2-135m" and default.output_dir == "outputs/smollm2-135m-wanda-row-0.5"
+
+
+def test_a_hub_id_offline_is_one_line_without_retries(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what an offline machine amounts to, wherever the test runs
+    p = cli("model=hf", "model.path=nobody-here/no-such-model", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "the hub is not reachable from here: download it elsewhere" in p.stderr.strip().splitlines()[-1]
+    assert "retry" not in p.stderr.lower() and len(p.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_reference_script_flags_get_one_line_with_their_keys(tmp_path):
+    p = cli("--model", "meta-llama/Llama-2-7b-hf", "--sparsity_ratio", "0.5", cwd=tmp_path)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert ("unknown option --model: distprune takes key=value settings (--model -> model=hf model.path=...; "
+            "--sparsity_ratio -> prune.sparsity=...)") in p.stderr
+    assert os.listdir(tmp_path) == []

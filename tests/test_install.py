@@ -42,3 +42,11 @@ def test_wheel_runs_from_anywhere(tmp_path):
     p = distprune("model=tiny-llama", "prune=wanda-2of4", "calib.nsamples=4", "calib.seqlen=32", "output_dir=out")
     assert p.returncode == 0, p.stderr
     assert (elsewhere / "out" / "model.safetensors").is_file()
+    # the console commands ([project.scripts]) run the same apps
+    p = subprocess.run([str(site / "bin" / "distprune"), "model=tiny-llama", "prune.method=magnitude", "output_dir=o2"],
+                       cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    assert (elsewhere / "o2" / "model.safetensors").is_file()
+    p = subprocess.run([str(site / "bin" / "distprune-eval"), "model=hf", "model.path=o2"], cwd=elsewhere,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 2 and "eval.source is not set" in p.stderr.strip().splitlines()[-1], p.stderr

@@ -68,6 +68,8 @@ def test_work_is_shared_across_jobs(sweeps, ranks):
     assert stderr.count("cache miss") == 1
     assert sorted("eval_dense" in r["seconds"] for r in reports.values()) == [False, False, False, True]
     assert len({r["perplexity"]["dense"] for r in reports.values()}) == 1
+    for num in range(4):  # a line per job as it starts, the first one's too
+        assert f"#{num} : " in stderr
 
 
 def test_one_process_and_two_ranks_give_the_same_numbers(sweeps):
