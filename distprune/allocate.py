@@ -166,6 +166,6 @@ def allocate(cfg, own: list[PrunableLayer], score: Score | None, comm: Comm = SI
     if cfg.allocation == "owl":
         return owl(layers, own, score, cfg.sparsity, cfg.owl_m, cfg.owl_lambda, comm)
     if cfg.allocation == "global":
-        return global_budgets(layers, own, lambda layer: normalized(score(layer), cfg.normalize), cfg.sparsity,
+        return global_budgets(layers, own, lambda layer: normalized(score(layer), cfg.normalization), cfg.sparsity,
                               cfg.selector, comm, search_tol=cfg.search_tol, search_max_iter=cfg.search_max_iter)
     raise ValueError(f"unknown allocation {cfg.allocation!r}")

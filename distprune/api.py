@@ -60,7 +60,7 @@ class PruneResult:
             "mode": self.mode,
             "stats_cache": self.stats_cache,
             "allocation": self.config.allocation,
-            "normalize": self.config.normalize,
+            "normalize": self.config.normalization,
             **({"owl_m": self.config.owl_m, "owl_lambda": self.config.owl_lambda,
                 "block_sparsity": self.allocation.block_sparsity} if self.config.allocation == "owl" else {}),
             **self.weight_kinds(),
@@ -141,7 +141,7 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
         return PruneResult(cfg, groups, solve={"layers": details}, allocation=alloc)
 
     def score(layer: PrunableLayer) -> torch.Tensor:  # global scope: normalized (allocate.normalized)
-        return allocate.normalized(_scores(method, layer, statistics, cfg), cfg.normalize)
+        return allocate.normalized(_scores(method, layer, statistics, cfg), cfg.normalization)
 
     groups = prune_groups(layers, score, cfg.scope, cfg.sparsity, cfg.selector, comm, show_progress, m=cfg.m,
                           targets=targets, search_tol=cfg.search_tol, search_max_iter=cfg.search_max_iter)

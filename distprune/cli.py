@@ -29,6 +29,7 @@ from distprune.stream import move
 from distprune.sweep import SweepModels
 
 log = logging.getLogger("distprune")
+EMPTIED = 0.95  # a layer pruned past this fraction gets a warning that names it
 ALLOCATION_PNG = "allocation.png"  # a job whose layers lose different fractions: target sparsity per layer
 
 
@@ -296,7 +297,13 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     if varied:
         spread = [r["target"] / r["numel"] for r in summary["layers"]]
         log.info("allocation: %s (normalize %s), layer sparsity from %.4f to %.4f", cfg.prune.allocation
-                 if cfg.prune.scope != "global" else "global scope", cfg.prune.normalize, min(spread), max(spread))
+                 if cfg.prune.scope != "global" else "global scope", cfg.prune.normalization, min(spread), max(spread))
+    emptied = [r for r in summary["layers"] if r["zeros"] > EMPTIED * r["numel"] and r["pruned"]]
+    if emptied:
+        worst = max(emptied, key=lambda r: r["zeros"] / r["numel"])
+        log.warning("%d layer(s) are more than %d%% zero, which breaks most models (the worst: %s, %.2f%%)%s",
+                    len(emptied), round(EMPTIED * 100), worst["name"], 100 * worst["zeros"] / worst["numel"],
+                    "; prune.normalize=row spreads a global threshold more evenly" if varied else "")
     if cfg.eval.source:
         with phase(seconds, "eval"):
             ppl["pruned"] = evaluate_ppl(cfg, loaded, windows, device, comm, from_owners(parts, comm))

@@ -62,7 +62,7 @@ def cli(*args, cwd):
     (["prune.allocation=owl", "prune.sparsity=0.05"], "prune.owl_lambda=0.08 is outside [0, 0.05]"),
     (["prune.allocation=owl", "prune.sparsity=0.95"], "prune.owl_lambda=0.08 is outside [0, 0.05]"),
     (["prune.allocation=owl", "prune.owl_m=0"], "prune.owl_m=0.0 must be > 0"),
-    (["prune.normalize=mean"], "prune.normalize='mean' is not one of: none, layer, row"),
+    (["prune.normalize=mean"], "prune.normalize='mean' is not one of: auto, none, layer, row"),
     (["prune.allocation=best"], "prune.allocation='best' is not one of: uniform, owl, global"),
     (["prune=wanda-2of4", "prune.allocation=owl"], "prune.allocation=owl needs prune.scope=layer or row: N:M"),
     (["prune.scope=global", "prune.allocation=global"], "prune.allocation=global needs prune.scope=layer or row"),

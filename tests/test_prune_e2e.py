@@ -28,7 +28,8 @@ def dense_and_pruned(cfg):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("scope", ["global", "layer", "row"])
 def test_magnitude_scopes_exact_counts(tiny, arch, scope):
-    cfg = tiny(arch=arch, method="magnitude", scope=scope, sparsity=0.3)
+    raw = {"normalize": "none"} if scope == "global" else {}  # one threshold over the raw |w| of every layer
+    cfg = tiny(arch=arch, method="magnitude", scope=scope, sparsity=0.3, **raw)
     report, dense, pruned = dense_and_pruned(cfg)
     names = [layer.name for layer in prunable_layers(dense)]
     dsd, psd = dense.state_dict(), pruned.state_dict()
@@ -93,7 +94,7 @@ def test_global_selectors_identical_on_bf16(tiny, arch):
     saved = {}
     for selector in ("radix", "sort"):
         cfg = tiny(arch=arch, method="magnitude", scope="global", sparsity=0.5, selector=selector,
-                   output=f"out-{selector}")
+                   normalize="none", output=f"out-{selector}")  # raw bf16 scores: one 16-bit radix pass
         cfg.model.dtype = "bfloat16"
         report = run(cfg)
         assert report["pruned_weights"] == target_count(0.5, report["prunable_weights"])
@@ -218,3 +219,26 @@ def test_load_streamed_reads_only_what_is_wanted(tiny_checkpoint):
     out.mkdir()
     write_checkpoint(out, renamed.model, None, "5GB")
     assert "embed_out.weight" in load_file(out / "model.safetensors")
+
+
+def test_global_scores_are_normalized_per_row_unless_told(tiny):
+    """normalize=auto: row under a global threshold (the setting that measured best), none
+    where no global threshold is taken; an explicit value is kept."""
+    assert PruneConfig(scope="global").normalization == "row"
+    assert PruneConfig(scope="layer", allocation="global").normalization == "row"
+    assert PruneConfig().normalization == "none"
+    assert PruneConfig(scope="global", normalize="none").normalization == "none"
+    raw = run(tiny(method="magnitude", scope="global", sparsity=0.5, normalize="none", output="raw"))
+    auto = run(tiny(method="magnitude", scope="global", sparsity=0.5, output="auto"))
+    assert (raw["normalize"], auto["normalize"]) == ("none", "row")
+    assert raw["layers"] != auto["layers"] and raw["pruned_weights"] == auto["pruned_weights"]
+
+
+def test_a_layer_pruned_past_95_percent_is_named_in_a_warning(tiny, caplog):
+    run(tiny(method="magnitude", sparsity=0.96, output="high"))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "95% zero" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("14 layer(s) are more than 95% zero")
+    assert "(the worst: model.layers." in warned[0]
+    caplog.clear()
+    run(tiny(method="magnitude", sparsity=0.9, output="fine"))
+    assert not [r for r in caplog.records if "more than 95% zero" in r.getMessage()]
