@@ -133,6 +133,23 @@ def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[mod
     return load()
 
 
+def sampled_windows_file(cfg: Config, device: str) -> Path:
+    """Where calib=self keeps the windows it sampled, keyed like the statistics: the model,
+    the sampling settings and the device type (its arithmetic picks the tokens)."""
+    fields = {"model": models.fingerprint(cfg.model), "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
+              "seed": cfg.calib.seed, "device": torch.device(device).type, "sampler": data.SAMPLER_VERSION}
+    return models.cache_dir() / "windows" / f"{stats.cache_key(fields)}.pt"
+
+
+def save_atomically(t: torch.Tensor, path: Path) -> None:
+    """A temporary file of this process renamed into place: ranks and jobs that race write
+    the same tensor, and a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    torch.save(t, tmp)
+    os.replace(tmp, path)
+
+
 def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: str, comm: Comm,
                 seconds: dict) -> PruneResult:
     """Prune in place: directly, or after block-wise calibration when the method needs
@@ -146,13 +163,20 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
 
     def windows():
         with phase(seconds, "calib_windows"):
-            if cfg.calib.source == "self":
-                loaded.model.to(device)
-            w = data.calibration_windows(cfg.calib.source, model, loaded.tokenizer, cfg.calib.nsamples,
-                                         cfg.calib.seqlen, cfg.calib.seed)
-            move(model, "cpu")  # block-wise onloading: only the current block goes to the device
-        log.info("calib: %d x %d tokens from %s in %.1fs", w.shape[0], w.shape[1], cfg.calib.source,
-                 seconds["calib_windows"])
+            cached = sampled_windows_file(cfg, device) if cfg.calib.source == "self" and cfg.calib.cache else None
+            hit = cached is not None and cached.is_file()
+            if hit:
+                w = torch.load(cached, weights_only=True)
+            else:
+                if cfg.calib.source == "self":
+                    loaded.model.to(device)
+                w = data.calibration_windows(cfg.calib.source, model, loaded.tokenizer, cfg.calib.nsamples,
+                                             cfg.calib.seqlen, cfg.calib.seed)
+                move(model, "cpu")  # block-wise onloading: only the current block goes to the device
+                if cached is not None:
+                    save_atomically(w, cached)
+        log.info("calib: %d x %d tokens from %s in %.1fs%s", w.shape[0], w.shape[1], cfg.calib.source,
+                 seconds["calib_windows"], f" (sampled before: {cached})" if hit else "")
         return w
 
     cache_file, fields = None, None

@@ -126,6 +126,9 @@ def sample(model: nn.Module, prompt: torch.Tensor, steps: int, pick=inverse_cdf,
     return torch.cat(tokens, dim=1)
 
 
+SAMPLER_VERSION = 1  # bump when self_windows would sample other tokens: cached windows are then stale
+
+
 @torch.no_grad()
 def self_windows(model: nn.Module, nsamples: int, seqlen: int, seed: int, batch_size: int = 64,
                  show: bool = True) -> torch.Tensor:

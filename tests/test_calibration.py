@@ -151,6 +151,38 @@ def test_sequential_is_default_for_row_and_not_cached(tiny, tmp_path, monkeypatc
     assert "statistics" in report["seconds"]
 
 
+def test_sampled_windows_are_cached_and_reused(tiny, tmp_path, monkeypatch):
+    """calib=self samples once: a sequential job (no statistics cache) run again, or at another
+    sparsity, reads the windows it sampled; other sampling settings sample again."""
+    cfg = tiny_job(tiny, tmp_path, monkeypatch, method="wanda", scope="row")
+    first = run(cfg)
+    files = list((tmp_path / "cache" / "windows").glob("*.pt"))
+    assert len(files) == 1
+    sampled = torch.load(files[0], weights_only=True)
+    assert sampled.shape == (4, 16)
+    from distprune.models import load
+
+    expect = self_windows(load(cfg.model).model, 4, 16, cfg.calib.seed, show=False)
+    assert torch.equal(sampled, expect)  # what calib=self samples
+    from distprune import data
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again")
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "self_windows", no_sampling)
+        cfg.prune.sparsity = 0.3
+        run(cfg)
+        cfg.prune.sparsity = 0.5
+        assert run(cfg)["layers"] == first["layers"]  # the same windows, the same pruning
+    cfg.calib.seed = 4
+    run(cfg)
+    assert len(list((tmp_path / "cache" / "windows").glob("*.pt"))) == 2
+    cfg.calib.cache = False
+    run(cfg)
+    assert len(list((tmp_path / "cache" / "windows").glob("*.pt"))) == 2
+
+
 def test_global_sequential_is_refused(tiny):
     cfg = tiny(method="wanda", scope="global", mode="sequential")
     with pytest.raises(ConfigError, match="global scope needs oneshot"):
