@@ -16,14 +16,26 @@ from distprune.config import Config
 ROOT = Path(__file__).resolve().parent.parent
 
 
+DOCS = ("README.md", "docs/USAGE.md")
+
+
 def readme_commands() -> list[list[str]]:
     """The arguments after `-m distprune` (or `-m distprune.eval`) of every command in the
-    README's code blocks and inline code, continuation lines joined."""
-    text = ROOT.joinpath("README.md").read_text()
+    README's and docs/USAGE.md's code blocks and inline code, continuation lines joined."""
+    text = "\n".join(ROOT.joinpath(name).read_text() for name in DOCS)
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]*-m distprune[^`\n]*)`", text)
     commands = []
     for block in blocks:
+        variables = {}  # VAR="..." lines of the block, expanded in the commands after them as the shell does
         for line in block.replace("\\\n", " ").splitlines():
+            if line.strip().startswith("#"):  # a comment line
+                continue
+            assigned = re.fullmatch(r'([A-Z_][A-Z0-9_]*)="([^"]*)"', line.strip())
+            if assigned:
+                variables[assigned[1]] = assigned[2]
+                continue
+            for name, value in variables.items():
+                line = re.sub(rf"\${name}\b", value, line)
             for part in line.split("  #")[0].split("&&"):
                 words = shlex.split(part)
                 for i in range(len(words) - 1):
@@ -47,6 +59,11 @@ COMMANDS = readme_commands()
 
 def test_the_readme_has_commands():
     assert len(COMMANDS) >= 10
+
+
+def test_the_readme_is_short():
+    """A page a newcomer reads: what, set-up, recipes, one table; the reference is docs/USAGE.md."""
+    assert len(ROOT.joinpath("README.md").read_text().encode()) <= 12 * 1024
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
