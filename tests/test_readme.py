@@ -27,13 +27,14 @@ def readme_commands() -> list[list[str]]:
     commands = []
     for block in blocks:
         variables = {}  # VAR="..." lines of the block, expanded in the commands after them as the shell does
-        for line in block.replace("\\\n", " ").splitlines():
-            if line.strip().startswith("#"):  # a comment line
+        for raw in block.replace("\\\n", " ").splitlines():
+            if raw.strip().startswith("#"):  # a comment line
                 continue
-            assigned = re.fullmatch(r'([A-Z_][A-Z0-9_]*)="([^"]*)"', line.strip())
+            assigned = re.fullmatch(r'([A-Z_][A-Z0-9_]*)="([^"]*)"', raw.strip())
             if assigned:
                 variables[assigned[1]] = assigned[2]
                 continue
+            line = raw
             for name, value in variables.items():
                 line = re.sub(rf"\${name}\b", value, line)
             for part in line.split("  #")[0].split("&&"):
