@@ -1,6 +1,9 @@
 """Bad input: a one-line error that names the problem, non-zero exit, nothing written."""
 
+import contextlib
 import hashlib
+import io
+import logging
 import os
 import re
 import subprocess
@@ -17,6 +20,29 @@ from distprune.models import load
 from distprune.select import NonFiniteScoreError
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def in_process(*args, cwd, monkeypatch) -> tuple[int, str]:
+    """``python -m distprune model=tiny-llama ARGS`` in this process, from ``cwd``: the same
+    entry point as the command (Hydra, the checks, exit codes), without a new interpreter
+    and its imports (seconds each). Returns (exit code, stderr)."""
+    from distprune.cli import entry, main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", ["distprune", "model=tiny-llama", "calib.nsamples=4", "calib.seqlen=32", *args])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    err, code = io.StringIO(), 0
+    try:
+        with contextlib.redirect_stderr(err):
+            entry(main)
+    except SystemExit as e:
+        code = e.code
+    finally:  # main sets up logging to the redirected stderr: give the test run its own back
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return code, err.getvalue()
 
 
 def cli(*args, cwd):
@@ -74,12 +100,12 @@ def cli(*args, cwd):
     (["prune.scope=nm", "prune.m=3", "prune.sparsity=0.6666666666666666", "prune.method=magnitude"],
      "prune.m=3 does not divide the 64 inputs of model.layers.0.self_attn.q_proj"),  # found after loading
 ])
-def test_cli_bad_input(tmp_path, args, message):
-    p = cli(*args, f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert p.returncode == 2, p.stderr
-    last = p.stderr.strip().splitlines()[-1]  # the error is one line, the last
+def test_cli_bad_input(tmp_path, monkeypatch, args, message):
+    code, stderr = in_process(*args, f"output_dir={tmp_path / 'out'}", cwd=tmp_path, monkeypatch=monkeypatch)
+    assert code == 2, stderr
+    last = stderr.strip().splitlines()[-1]  # the error is one line, the last
     assert message in last and ("ERROR" in last or "error:" in last)
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in stderr
     assert os.listdir(tmp_path) == []  # nothing written, not even a Hydra run directory
 
 
