@@ -475,7 +475,7 @@ def flag_error(argv: list[str]) -> str | None:
         return None
     hints = [f"{f} -> {FLAG_HINTS[f]}" for f in flags if f in FLAG_HINTS]
     return (f"unknown option {flags[0]}: distprune takes key=value settings"
-            + (f" ({'; '.join(hints)})" if hints else " (e.g. prune.sparsity=0.5; every key: --cfg job)"))
+            + (f" ({'; '.join(hints)})" if hints else " (e.g. prune.sparsity=0.5; every key: --cfg job --resolve)"))
 
 
 def entry(app: Callable[[], None]) -> None:

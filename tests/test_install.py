@@ -36,7 +36,7 @@ def test_wheel_runs_from_anywhere(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import distprune; print(distprune.__file__)"], cwd=elsewhere,
                            capture_output=True, text=True, env=env)
     assert where.stdout.strip() == str(site / "distprune" / "__init__.py")  # the installed copy, not the checkout
-    job = distprune("--cfg", "job")
+    job = distprune("--cfg", "job", "--resolve")
     assert job.returncode == 0, job.stderr
     assert "name: smollm2-135m" in job.stdout and "method: wanda" in job.stdout
     p = distprune("model=tiny-llama", "prune=wanda-2of4", "calib.nsamples=4", "calib.seqlen=32", "output_dir=out")
