@@ -26,12 +26,14 @@ from distprune.config import CalibConfig, Config, EvalConfig, ModelConfig, Prune
 
 DATA = Path(os.environ.get("DISTPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
-ROWS = [  # (label, prune overrides, calibration source: "file" or "self")
+# (label, prune overrides, calibration source: "file" or "self"); the global rows compare raw
+# scores (normalize=none), what this table has always shown: the default now normalizes per row
+ROWS = [
     ("magnitude, layer", dict(method="magnitude", scope="layer"), None),
-    ("magnitude, global", dict(method="magnitude", scope="global"), None),
+    ("magnitude, global", dict(method="magnitude", scope="global", normalize="none"), None),
     ("wanda, row, oneshot", dict(method="wanda", scope="row", mode="oneshot"), "file"),
     ("wanda, row, sequential", dict(method="wanda", scope="row", mode="sequential"), "file"),
-    ("wanda, global (oneshot)", dict(method="wanda", scope="global"), "file"),
+    ("wanda, global (oneshot)", dict(method="wanda", scope="global", normalize="none"), "file"),
     ("wanda, row, sequential, calib=self", dict(method="wanda", scope="row", mode="sequential"), "self"),
 ]
 
