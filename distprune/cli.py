@@ -75,31 +75,6 @@ def evaluate_ppl(cfg: Config, loaded: models.LoadedModel, windows: torch.Tensor,
     return blockwise_perplexity(loaded.model, windows, cfg.eval.batch_size, device, loaded.stream, comm, before_block)
 
 
-def zeroshot_scores(cfg: Config, model, tokenizer, device: str) -> dict[str, dict[str, float]]:
-    """This process's lm-eval run of eval.tasks on a whole model (moved to the device and back)."""
-    move(model, device)
-    try:
-        return zeroshot.evaluate(model, tokenizer, cfg.eval.tasks, cfg.eval.task_path, cfg.eval.num_fewshot,
-                                 cfg.eval.limit, cfg.eval.batch_size)
-    finally:
-        move(model, "cpu")
-
-
-def zeroshot_from(model_cfg: ModelConfig, cfg: Config, device: str) -> dict[str, dict[str, float]]:
-    """eval.tasks on a checkpoint loaded in full for the purpose (a streamed model is whole on no rank)."""
-    loaded = models.load(model_cfg, "cpu")
-    return zeroshot_scores(cfg, loaded.model, loaded.tokenizer, device)
-
-
-def log_zeroshot(scores: dict[str, dict[str, dict[str, float]]], seconds: float) -> None:
-    for task in next(iter(scores.values())):
-        log.info("zeroshot: %s %s", task, ", ".join(f"{which} {' '.join(f'{m} {v:.4f}' for m, v in got[task].items())}"
-                                                      for which, got in scores.items()))
-    means = {which: zeroshot.mean_acc(got) for which, got in scores.items()}
-    log.info("zeroshot: mean acc %s in %.1fs", ", ".join(f"{k} {v:.4f}" for k, v in means.items() if v is not None),
-             seconds)
-
-
 def streams(cfg: Config) -> bool:
     """Whether this job reads decoder blocks from the checkpoint when it needs them:
     model.stream, unless calibration samples from the model itself (generation runs the
@@ -275,8 +250,8 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     if cfg.eval.tasks and cfg.eval.dense:
         def dense_scores() -> dict:
             with phase(seconds, "zeroshot_dense"):
-                return comm.on_main(lambda: zeroshot_scores(cfg, loaded.model, loaded.tokenizer, device) if resident
-                                    else zeroshot_from(cfg.model, cfg, device))
+                return comm.on_main(lambda: zeroshot.on_device(loaded.model, loaded.tokenizer, cfg.eval, device)
+                                    if resident else zeroshot.from_checkpoint(cfg.model, cfg.eval, device))
 
         scores["dense"], reused = (shared.dense_result("zeroshot", cfg.model, cfg.eval, dense_scores) if shared
                                    else (dense_scores(), False))
@@ -335,12 +310,14 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
                  f"{ppl['dense']:.3f}" if "dense" in ppl else "not evaluated", seconds["eval"])
 
     if cfg.eval.tasks and resident:
-        if comm.world_size > 1:  # rank 0 gets every pruned weight from its owner
+        # rank 0 needs every pruned weight; the perplexity pass above already brought each block's
+        if comm.world_size > 1 and not cfg.eval.source:
             share = from_owners(parts, comm)
             for i in range(len(models.decoder_blocks(loaded.model))):
                 share(i)
         with phase(seconds, "zeroshot"):
-            scores["pruned"] = comm.on_main(lambda: zeroshot_scores(cfg, loaded.model, loaded.tokenizer, device))
+            scores["pruned"] = comm.on_main(lambda: zeroshot.on_device(loaded.model, loaded.tokenizer, cfg.eval,
+                                                                       device))
 
     # peak resident memory of each rank's process so far (a sweep: over its jobs so far)
     rss = comm.all_gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -372,11 +349,11 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         if cfg.eval.tasks and not resident:  # from the checkpoint just written
             comm.barrier()
             with phase(seconds, "zeroshot"):
-                scores["pruned"] = comm.on_main(lambda: zeroshot_from(
-                    ModelConfig(name=cfg.model.name, path=str(tmp), dtype=cfg.model.dtype), cfg, device))
+                scores["pruned"] = comm.on_main(lambda: zeroshot.from_checkpoint(
+                    ModelConfig(name=cfg.model.name, path=str(tmp), dtype=cfg.model.dtype), cfg.eval, device))
         if cfg.eval.tasks:
-            log_zeroshot(scores, seconds["zeroshot"] + seconds.get("zeroshot_dense", 0.0))
-            report["zeroshot"] = {**scores, "mean_acc": {k: zeroshot.mean_acc(v) for k, v in scores.items()}}
+            zeroshot.log_scores(scores, seconds["zeroshot"] + seconds.get("zeroshot_dense", 0.0))
+            report["zeroshot"] = zeroshot.report(scores)
         if comm.is_main:
             checkpoint.write_report(tmp, report)
             if varied:
@@ -534,8 +511,8 @@ def run_eval(cfg: Config) -> dict:
         log.info("eval: perplexity %.3f of %s on %s", ppl, loaded.source, cfg.eval.source)
     if cfg.eval.tasks:
         t1 = time.perf_counter()
-        scores = zeroshot_scores(cfg, loaded.model, loaded.tokenizer, device)
-        log_zeroshot({"model": scores}, time.perf_counter() - t1)
+        scores = zeroshot.on_device(loaded.model, loaded.tokenizer, cfg.eval, device)
+        zeroshot.log_scores({"model": scores}, time.perf_counter() - t1)
         result["zeroshot"] = scores
         result["mean_acc"] = zeroshot.mean_acc(scores)
     result["seconds"] = round(time.perf_counter() - t0, 2)

@@ -21,7 +21,12 @@ from pathlib import Path
 
 from torch import nn
 
+from distprune import models
+from distprune.config import EvalConfig, ModelConfig
 from distprune.errors import ConfigError
+from distprune.stream import move
+
+log = logging.getLogger("distprune")
 
 METRICS = ("acc", "acc_norm")  # what the report keeps of each task, where the task has it
 INSTALL = "pip install 'distprune[eval]' (lm-evaluation-harness)"
@@ -107,3 +112,34 @@ def mean_acc(results: dict[str, dict[str, float]]) -> float | None:
     zero-shot tables; None when no task reports acc."""
     accs = [r["acc"] for r in results.values() if "acc" in r]
     return sum(accs) / len(accs) if accs else None
+
+
+def on_device(model: nn.Module, tokenizer, ev: EvalConfig, device: str) -> dict[str, dict[str, float]]:
+    """``evaluate`` with the settings of ``ev`` on a whole model, moved to the device and back."""
+    move(model, device)
+    try:
+        return evaluate(model, tokenizer, ev.tasks, ev.task_path, ev.num_fewshot, ev.limit, ev.batch_size)
+    finally:
+        move(model, "cpu")
+
+
+def from_checkpoint(model_cfg: ModelConfig, ev: EvalConfig, device: str) -> dict[str, dict[str, float]]:
+    """``on_device`` for a checkpoint loaded in full for the purpose (a streamed model is
+    whole on no rank)."""
+    loaded = models.load(model_cfg, "cpu")
+    return on_device(loaded.model, loaded.tokenizer, ev, device)
+
+
+def report(scores: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """The report's ``zeroshot``: each model's (dense, pruned) accuracies and their means."""
+    return {**scores, "mean_acc": {k: mean_acc(v) for k, v in scores.items()}}
+
+
+def log_scores(scores: dict[str, dict[str, dict[str, float]]], seconds: float) -> None:
+    """A line per task with each model's accuracies, and one with the means."""
+    for task in next(iter(scores.values())):
+        log.info("zeroshot: %s %s", task, ", ".join(f"{which} {' '.join(f'{m} {v:.4f}' for m, v in got[task].items())}"
+                                                      for which, got in scores.items()))
+    means = {which: mean_acc(got) for which, got in scores.items()}
+    log.info("zeroshot: mean acc %s in %.1fs", ", ".join(f"{k} {v:.4f}" for k, v in means.items() if v is not None),
+             seconds)
