@@ -30,6 +30,9 @@ SHAPES = {
     "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                        max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama-128m": dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                       num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12,
+                       max_position_embeddings=2048, rms_norm_eps=1e-5),  # 132M with SmolLM2's tokenizer
     "llama-tiny": dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=160,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=256, rms_norm_eps=1e-5),  # the smoke test's

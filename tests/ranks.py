@@ -55,3 +55,22 @@ def why(p: subprocess.CompletedProcess) -> str:
     """What a failed launch says: each rank's error lines, then the end of stderr."""
     errors = [line for line in p.stderr.splitlines() if " ERROR" in line or "Error:" in line][:20]
     return "\n".join([*errors, "...", p.stderr[-2000:]])
+
+
+def jobs(root: Path, named: dict[str, Sequence[str]]) -> list[str]:
+    """Hydra arguments that run ``named`` (job name -> its key=value settings) as one sweep,
+    one launch for jobs that no single grid holds (different keys, models or presets): each
+    job becomes an option of a config group ``job`` in a search-path folder under root, and
+    writes to output_dir ROOT/NAME. They begin with -m: put them before other settings. A launch costs seconds of start-up (interpreter, torch,
+    torchrun); a job of a tiny model, a fraction of that."""
+    from omegaconf import OmegaConf
+
+    folder = root / "job-configs"
+    (folder / "job").mkdir(parents=True, exist_ok=True)
+    for name, settings in named.items():
+        if "/" in name or "," in name:
+            raise ValueError(f"job name {name!r}: no '/' or ','")
+        body = OmegaConf.to_yaml(OmegaConf.from_dotlist(list(settings)))
+        (folder / "job" / f"{name}.yaml").write_text("# @package _global_\n" + body)
+    return ["-m", f"hydra.searchpath=[file://{folder}]", "+job=" + ",".join(named),
+            f"output_dir={root}/${{hydra:runtime.choices.job}}"]

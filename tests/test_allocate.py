@@ -13,6 +13,7 @@ import torch
 from conftest import TINY
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ranks import jobs
 from test_distributed import launch, tensors
 
 from distprune import PruneConfig, prune, stats
@@ -193,22 +194,18 @@ def test_sparsegpt_prunes_each_layers_target(allocation):
 def ranked(tmp_path_factory):
     """The allocations on 1, 2 and 3 ranks (one thread per process, as torchrun gives)."""
     root = tmp_path_factory.mktemp("alloc")
-    common = ["-m", "model.dtype=float32", "calib.nsamples=6", "calib.seqlen=32", "calib.batch_size=2",
-              "prune.sparsity=0.7"]
-    sweeps = {
-        "global": ["prune.method=magnitude,wanda,sparsegpt", "prune.scope=row", "prune.allocation=global",
-                   "prune.normalize=row"],
-        "owl": ["prune.method=magnitude,wanda,sparsegpt", "prune.scope=layer", "prune.allocation=owl",
-                "prune.owl_m=2", "prune.owl_lambda=0.1"],
-        "scope": ["prune.method=wanda", "prune.scope=global", "prune.normalize=layer,row"],
-    }
+    common = ["model.dtype=float32", "calib.nsamples=6", "calib.seqlen=32", "calib.batch_size=2", "prune.sparsity=0.7"]
+    named = {f"global-{m}": [f"prune.method={m}", "prune.scope=row", "prune.allocation=global", "prune.normalize=row"]
+             for m in ("magnitude", "wanda", "sparsegpt")}
+    named |= {f"owl-{m}": [f"prune.method={m}", "prune.scope=layer", "prune.allocation=owl", "prune.owl_m=2",
+                           "prune.owl_lambda=0.1"] for m in ("magnitude", "wanda", "sparsegpt")}
+    named |= {f"scope-wanda-{n}": ["prune.method=wanda", "prune.scope=global", f"prune.normalize={n}"]
+              for n in ("layer", "row")}
     env = {"OMP_NUM_THREADS": "1", "DISTPRUNE_CACHE": str(root / "cache")}
     for ranks in (1, 2, 3):
-        (root / f"ws{ranks}").mkdir()
-        for name, args in sweeps.items():
-            job = "${prune.method}-${prune.normalize}" if name == "scope" else "${prune.method}"
-            p = launch(ranks, root / f"ws{ranks}" / name, *common, *args, env=env, job=job, timeout=600)
-            assert p.returncode == 0, p.stderr[-3000:]
+        out = root / f"ws{ranks}"
+        p = launch(ranks, out, *jobs(out, named), *common, env=env, job=None, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
     return root
 
 
@@ -216,7 +213,7 @@ def ranked(tmp_path_factory):
 @pytest.mark.parametrize("job", ["global/magnitude", "global/wanda", "global/sparsegpt", "owl/magnitude",
                                  "owl/wanda", "owl/sparsegpt", "scope/wanda-layer", "scope/wanda-row"])
 def test_same_targets_and_masks_on_1_2_3_ranks(ranked, ranks, job):
-    ref, got = ranked / "ws1" / job, ranked / f"ws{ranks}" / job
+    ref, got = ranked / "ws1" / job.replace("/", "-"), ranked / f"ws{ranks}" / job.replace("/", "-")
     a, b = tensors(ref), tensors(got)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((d / "distprune_report.json").read_text()) for d in (ref, got))

@@ -24,12 +24,15 @@ JOBS = ["prune.method=magnitude,wanda", "prune.scope=global,layer,row,nm", "prun
 
 
 def launch(ranks: int, out: Path, *args: str, script: list[str] | None = None, env: dict | None = None,
-           timeout: int = 300, job: str = "${prune.method}-${prune.scope}") -> subprocess.CompletedProcess:
+           timeout: int = 300, job: str | None = "${prune.method}-${prune.scope}") -> subprocess.CompletedProcess:
+    """tiny-llama on ``ranks`` processes, its output in out/JOB (job=None: the arguments name
+    it, ranks.jobs)."""
     entry = script or ["-m", "distprune"]
     cmd = ([sys.executable, *entry] if ranks == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
             *entry])
-    return ranks_run([*cmd, *args, "model=tiny-llama", f"output_dir={out}/{job}"], fresh=[out],
+    named = [f"output_dir={out}/{job}"] if job is not None else []
+    return ranks_run([*cmd, *args, "model=tiny-llama", *named], fresh=[out],
                      cwd=out.parent, timeout=timeout, env={**os.environ, **(env or {})})
 
 

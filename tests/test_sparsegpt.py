@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import TINY
+from ranks import jobs
 from test_distributed import launch, tensors
 
 from distprune import PruneConfig, prune, scores, sparsegpt, stats
@@ -213,21 +214,25 @@ def test_sparsegpt_end_to_end_beats_wanda_on_its_own_calibration(arch, mode):
 def solved(tmp_path_factory):
     """sparsegpt (layer and nm, oneshot and sequential) and ria for 1, 2 and 3 ranks; 7
     windows in batches of 2, so the ranks hold 4+3 or 2+2+3 of them; 2 ranks twice; one
-    process again with one thread, as torchrun gives each rank (OMP_NUM_THREADS=1)."""
+    process again with one thread, as torchrun gives each rank (OMP_NUM_THREADS=1). One
+    launch each (ranks.jobs); the one-thread process and 3 ranks also run "nobatch": 2
+    batches, so that rank 2 sees none."""
     root = tmp_path_factory.mktemp("solve")
-    args = ["-m", "prune.method=sparsegpt", "prune.scope=layer,nm", "prune.mode=oneshot,sequential",
-            "model.dtype=float32", "calib.nsamples=7", "calib.seqlen=32", "calib.batch_size=2", "calib.cache=false"]
-    ria = ["-m", "prune.method=ria", "prune.scope=global,row", "prune.mode=oneshot", "model.dtype=float32",
-           "calib.nsamples=7", "calib.seqlen=32", "calib.batch_size=2", "calib.cache=false"]
+    common = ["model.dtype=float32", "calib.nsamples=7", "calib.seqlen=32", "calib.batch_size=2", "calib.cache=false"]
+    sparsegpt = {f"{scope}-{mode}": ["prune.method=sparsegpt", f"prune.scope={scope}", f"prune.mode={mode}"]
+                 for scope in ("layer", "nm") for mode in ("oneshot", "sequential")}
+    ria = {f"ria-{scope}": ["prune.method=ria", f"prune.scope={scope}", "prune.mode=oneshot"]
+           for scope in ("global", "row")}
+    nobatch = {"nobatch": ["prune.method=sparsegpt", "prune.scope=row", "calib.nsamples=2", "calib.batch_size=1"]}
     done = {}
     for ranks, name in ((1, "ws1"), (2, "ws2"), (3, "ws3"), (2, "ws2-again"), (1, "ws1-1thread")):
-        p = launch(ranks, root / name, *args, job="${prune.scope}-${prune.mode}", timeout=600,
+        named = sparsegpt | (ria if name in ("ws1", "ws2", "ws3") else {}) | (
+            nobatch if name in ("ws3", "ws1-1thread") else {})
+        out = root / name
+        p = launch(ranks, out, *jobs(out, named), *common, job=None, timeout=600,
                    env={"OMP_NUM_THREADS": "1"} if name == "ws1-1thread" else None)
         assert p.returncode == 0, p.stderr[-3000:]
-        if name in ("ws1", "ws2", "ws3"):
-            p = launch(ranks, root / f"{name}-ria", *ria, job="${prune.scope}", timeout=600)
-            assert p.returncode == 0, p.stderr[-3000:]
-        done[name] = root / name
+        done[name] = out
     return done
 
 
@@ -267,21 +272,14 @@ def test_sparsegpt_does_not_depend_on_the_rank_count(solved, ranks, job):
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("job", ["global", "row"])
 def test_ria_is_bit_identical_across_rank_counts(solved, ranks, job):
-    ref, got = tensors(solved["ws1"].with_name("ws1-ria") / job), tensors(solved[f"ws{ranks}"].with_name(
-        f"ws{ranks}-ria") / job)
+    ref, got = tensors(solved["ws1"] / f"ria-{job}"), tensors(solved[f"ws{ranks}"] / f"ria-{job}")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-def test_a_rank_without_calibration_batches(tmp_path):
+def test_a_rank_without_calibration_batches(solved):
     """3 ranks, 2 batches: rank 2 sees no inputs, adds zeros to every reduce and still solves
     its share; the result is one process's."""
-    args = ["prune.method=sparsegpt", "prune.scope=row", "model.dtype=float32", "calib.nsamples=2",
-            "calib.seqlen=32", "calib.batch_size=1"]
-    env = {"OMP_NUM_THREADS": "1"}
-    for ranks in (1, 3):
-        p = launch(ranks, tmp_path / f"ws{ranks}", *args, env=env, job="job")
-        assert p.returncode == 0, p.stderr[-3000:]
-    ref, got = tensors(tmp_path / "ws1" / "job"), tensors(tmp_path / "ws3" / "job")
+    ref, got = tensors(solved["ws1-1thread"] / "nobatch"), tensors(solved["ws3"] / "nobatch")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
-    report = json.loads((tmp_path / "ws3" / "job" / "distprune_report.json").read_text())
+    report = json.loads((solved["ws3"] / "nobatch" / "distprune_report.json").read_text())
     assert {d["rank"] for d in report["solve"]["layers"].values()} == {0, 1, 2}

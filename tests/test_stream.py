@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, make_text, word_tokenizer
+from ranks import jobs
 from ranks import run as ranks_run
 
 from distprune.config import ModelConfig
@@ -92,12 +93,14 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-ROW = ["prune.method=magnitude,wanda,sparsegpt", "prune.scope=row", "prune.mode=oneshot,sequential"]
-GLOBAL = ["prune.method=magnitude,wanda", "prune.scope=global", "prune.mode=oneshot"]
+JOBS = {f"{m}-row-{mode}": [f"prune.method={m}", "prune.scope=row", f"prune.mode={mode}"]
+        for m in ("magnitude", "wanda", "sparsegpt") for mode in ("oneshot", "sequential")}
+JOBS |= {f"{m}-global-oneshot": [f"prune.method={m}", "prune.scope=global", "prune.mode=oneshot"]
+         for m in ("magnitude", "wanda")}
 WAYS = {"full": (1, ["model.stream=false"]), "ws1": (1, []), "ws2": (2, [])}
 
 
-def run(ranks: int, out: Path, ckpt: Path, text: Path, *args: str, nodes: int = 1) -> subprocess.CompletedProcess:
+def run(ranks: int, out: Path, text: Path, *args: str, nodes: int = 1) -> subprocess.CompletedProcess:
     """One sweep: one thread per process, as torchrun gives each rank, so that SparseGPT's
     float32 Hessian products sum in one order (tests/test_sparsegpt.py)."""
     if nodes > 1:
@@ -110,10 +113,9 @@ def run(ranks: int, out: Path, ckpt: Path, text: Path, *args: str, nodes: int = 
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     else:
         launcher = [sys.executable]
-    cmd = [*launcher, "-m", "distprune", "-m", *args, "model=hf", f"model.path={ckpt}", "calib.source=random",
+    cmd = [*launcher, "-m", "distprune", *args, "model=hf", "calib.source=random",
            "calib.nsamples=6", "calib.seqlen=16", "calib.batch_size=2", f"eval.source={text}", "eval.seqlen=16",
-           "eval.max_windows=5", "eval.batch_size=2", "calib.cache=false",
-           f"output_dir={out}/${{prune.method}}-${{prune.scope}}-${{prune.mode}}"]
+           "eval.max_windows=5", "eval.batch_size=2", "calib.cache=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nodes == 1:
         return ranks_run(cmd, fresh=[out], cwd=out.parent, timeout=600, env=env)
@@ -127,24 +129,25 @@ def run(ranks: int, out: Path, ckpt: Path, text: Path, *args: str, nodes: int = 
 
 @pytest.fixture(scope="module")
 def streamed_runs(tmp_path_factory):
+    """Every job of every arch and way: one launch per rank count (the ways of one process,
+    in memory and streamed, share a launch)."""
     root = tmp_path_factory.mktemp("stream")
     text = root / "eval.txt"
     text.write_text(make_text(4, 2000))
-    done = {}
-    for arch in ARCHS:
-        ckpt = checkpoint(root, arch)
-        before = {f.name: f.read_bytes() for f in ckpt.iterdir()}
-        for way, (ranks, extra) in WAYS.items():
-            for jobs in (ROW, GLOBAL):
-                p = run(ranks, root / f"{arch}-{way}", ckpt, text, *jobs, *extra)
-                assert p.returncode == 0, p.stderr[-3000:]
-            done[arch, way] = root / f"{arch}-{way}"
-        assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before  # the input is never modified
+    ckpts = {arch: checkpoint(root, arch) for arch in ARCHS}
+    before = {arch: {f.name: f.read_bytes() for f in ckpt.iterdir()} for arch, ckpt in ckpts.items()}
+    for ranks in (1, 2):
+        out = root / f"ranks{ranks}"
+        named = {f"{arch}-{way}-{job}": [f"model.path={ckpts[arch]}", *extra, *settings]
+                 for arch in ARCHS for way, (r, extra) in WAYS.items() if r == ranks
+                 for job, settings in JOBS.items()}
+        p = run(ranks, out, text, *jobs(out, named))
+        assert p.returncode == 0, p.stderr[-3000:]
+    for arch, ckpt in ckpts.items():
+        assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before[arch]  # the input is never modified
+    done = {(arch, way): (lambda job, arch=arch, way=way, r=r: root / f"ranks{r}" / f"{arch}-{way}-{job}")
+            for arch in ARCHS for way, (r, _) in WAYS.items()}
     return done, root, text
-
-
-JOBS = [f"{m}-row-{mode}" for m in ("magnitude", "wanda", "sparsegpt") for mode in ("oneshot", "sequential")] + [
-    "magnitude-global-oneshot", "wanda-global-oneshot"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -154,7 +157,7 @@ def test_streamed_equals_the_model_in_memory(streamed_runs, arch, way):
     dense and pruned perplexity as one process with the whole model in memory."""
     done, _, _ = streamed_runs
     for job in JOBS:
-        ref, got = done[arch, "full"] / job, done[arch, way] / job
+        ref, got = done[arch, "full"](job), done[arch, way](job)
         a, b = tensors(ref), tensors(got)
         assert a.keys() == b.keys() and len(a) > 10, job
         for k in a:
@@ -163,10 +166,10 @@ def test_streamed_equals_the_model_in_memory(streamed_runs, arch, way):
         assert ra["perplexity"] == rb["perplexity"] and ra["perplexity"]["pruned"] != ra["perplexity"]["dense"], job
         assert ra["layers"] == rb["layers"], job
         assert ra["load"]["mode"] in ("full", "reused") and rb["load"]["mode"] in ("streamed", "reused"), job
-    first = json.loads((done[arch, way] / JOBS[0] / "distprune_report.json").read_text())
+    first = json.loads((done[arch, way](next(iter(JOBS))) / "distprune_report.json").read_text())
     assert first["load"]["mode"] == "streamed" and first["world_size"] == WAYS[way][0]
     if way == "ws2":  # each rank read its own layers and the tensors outside the blocks, not the model
-        total = sum(t.numel() * t.element_size() for t in tensors(done[arch, "full"] / JOBS[0]).values())
+        total = sum(t.numel() * t.element_size() for t in tensors(done[arch, "full"](next(iter(JOBS)))).values())
         assert max(first["load"]["bytes_per_rank"]) < 0.8 * total
 
 
@@ -175,11 +178,12 @@ def test_two_torchrun_agents_with_c10d_rendezvous(streamed_runs):
     the same checkpoints as one process."""
     done, root, text = streamed_runs
     out = root / "llama-nodes2"
-    p = run(2, out, checkpoint(root, "llama"), text, "prune.method=wanda,sparsegpt", "prune.scope=row",
-            "prune.mode=sequential", nodes=2)
+    p = run(2, out, text, "-m", f"model.path={checkpoint(root, 'llama')}", "prune.method=wanda,sparsegpt",
+            "prune.scope=row", "prune.mode=sequential", f"output_dir={out}/${{prune.method}}-row-sequential",
+            nodes=2)
     assert p.returncode == 0, p.stderr[-3000:]
     for job in ("wanda-row-sequential", "sparsegpt-row-sequential"):
-        a, b = tensors(done["llama", "full"] / job), tensors(out / job)
+        a, b = tensors(done["llama", "full"](job)), tensors(out / job)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), job
         report = json.loads((out / job / "distprune_report.json").read_text())
         assert report["world_size"] == 2
