@@ -61,8 +61,9 @@ def jobs(root: Path, named: dict[str, Sequence[str]]) -> list[str]:
     """Hydra arguments that run ``named`` (job name -> its key=value settings) as one sweep,
     one launch for jobs that no single grid holds (different keys, models or presets): each
     job becomes an option of a config group ``job`` in a search-path folder under root, and
-    writes to output_dir ROOT/NAME. They begin with -m: put them before other settings. A launch costs seconds of start-up (interpreter, torch,
-    torchrun); a job of a tiny model, a fraction of that."""
+    writes to output_dir ROOT/NAME. They begin with -m: put them before other settings. A
+    launch costs seconds of start-up (interpreter, torch, torchrun); a job of a tiny model,
+    a fraction of that."""
     from omegaconf import OmegaConf
 
     folder = root / "job-configs"
