@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import jobs, why
 from ranks import run as ranks_run
-from ranks import why
 from safetensors.torch import load_file
 
 from distprune.models import partition
@@ -164,22 +164,27 @@ def shard_runs(tmp_path_factory):
     from distprune.models import load
 
     root = tmp_path_factory.mktemp("shard")
-    done = {}
-    for arch in ("llama", "gpt2"):  # gpt2: tied lm_head, Conv1D, biases
-        ckpt = root / f"ckpt-{arch}"
+    archs = ("llama", "gpt2")  # gpt2: tied lm_head, Conv1D, biases
+    ckpts = {arch: root / f"ckpt-{arch}" for arch in archs}
+    for arch, ckpt in ckpts.items():
         load(ModelConfig(random=dict(TINY[arch]), dtype="bfloat16")).model.save_pretrained(ckpt)
-        before = {f.name: f.read_bytes() for f in ckpt.iterdir()}
-        for ranks, save in ((1, "true"), (3, "true"), (3, "false")):
-            out = root / f"{arch}-ws{ranks}-save{save}"
-            cmd = ([sys.executable] if ranks == 1 else
-                   [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)])
-            p = ranks_run([*cmd, "-m", "distprune", "model=hf", f"model.path={ckpt}", "prune.method=magnitude",
-                           "prune.scope=global", f"save={save}", f"output_dir={out}",
-                           f"model.stream={str(ranks > 1).lower()}"], fresh=[out], cwd=root, timeout=300)
-            assert p.returncode == 0, why(p)
-            done[arch, ranks, save] = out
-            assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before  # the input is never modified
-        done[arch] = ckpt
+    before = {arch: {f.name: f.read_bytes() for f in ckpt.iterdir()} for arch, ckpt in ckpts.items()}
+    done = dict(ckpts)
+    # one launch per rank count; the jobs alternate models, so that each loads its own (a
+    # sweep reuses the last job's model when the next has the same)
+    for ranks, saves in ((1, ("true",)), (3, ("true", "false"))):
+        out = root / f"ws{ranks}"
+        named = {f"{arch}-save{save}": [f"model.path={ckpts[arch]}", f"save={save}"]
+                 for save in saves for arch in archs}
+        cmd = ([sys.executable] if ranks == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)])
+        p = ranks_run([*cmd, "-m", "distprune", *jobs(out, named), "model=hf", "prune.method=magnitude",
+                       "prune.scope=global", f"model.stream={str(ranks > 1).lower()}"], fresh=[out], cwd=root,
+                      timeout=300)
+        assert p.returncode == 0, why(p)
+        done |= {(arch, ranks, save): out / f"{arch}-save{save}" for save in saves for arch in archs}
+    for arch, ckpt in ckpts.items():
+        assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before[arch]  # the input is never modified
     return done
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from ranks import jobs
 from ranks import run as ranks_run
 from torch.overrides import TorchFunctionMode
 
@@ -366,7 +367,6 @@ def rank_runs(tmp_path_factory):
     2 and 3 torchrun ranks (wanda and sparsegpt, row and 2:4, sequential; one sweep each).
     With 3 ranks a fused experts tensor is cut between two ranks (one writes it)."""
     from conftest import make_text, word_tokenizer
-    from test_stream import run
 
     root = tmp_path_factory.mktemp("moe-ranks")
     text = root / "eval.txt"
@@ -374,20 +374,20 @@ def rank_runs(tmp_path_factory):
     ckpt = root / "mixtral"
     load(family("mixtral")).model.save_pretrained(ckpt)
     word_tokenizer(text.read_text(), BASE["vocab_size"]).save_pretrained(ckpt)
+    evaluated = [f"eval.source={text}", "eval.seqlen=16", "eval.max_windows=5", "eval.batch_size=2"]
+    named = {f"{m}-{s}-sequential": [f"prune.method={m}", f"prune.scope={s}", "prune.mode=sequential", *evaluated]
+             for m in ("wanda", "sparsegpt") for s in ("row", "nm")}
+    # oneshot and no evaluation: no pass sends the pruned views to every rank, so a fused
+    # tensor cut between ranks reaches its writer only through models.share_split
+    named["wanda-row-oneshot"] = ["prune.method=wanda", "prune.scope=row", "prune.mode=oneshot"]
     done = {}
     for ranks in (1, 2, 3):
-        p = run(ranks, root / f"r{ranks}", ckpt, text, "prune.method=wanda,sparsegpt", "prune.scope=row,nm",
-                "prune.mode=sequential")
-        assert p.returncode == 0, p.stderr[-3000:]
         done[ranks] = root / f"r{ranks}"
-        # oneshot and no evaluation: no pass sends the pruned views to every rank, so a fused
-        # tensor cut between ranks reaches its writer only through models.share_split
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
-        p = ranks_run([sys.executable, *launcher, "-m", "distprune", "model=hf", f"model.path={ckpt}",
-                       "prune=wanda", "prune.mode=oneshot", "calib.source=random", "calib.nsamples=6",
-                       "calib.seqlen=16", "calib.batch_size=2", "calib.cache=false",
-                       f"output_dir={done[ranks]}/wanda-row-oneshot"], fresh=[done[ranks] / "wanda-row-oneshot"],
-                      timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        p = ranks_run([sys.executable, *launcher, "-m", "distprune", *jobs(done[ranks], named), "model=hf",
+                       f"model.path={ckpt}", "calib.source=random", "calib.nsamples=6", "calib.seqlen=16",
+                       "calib.batch_size=2", "calib.cache=false"], fresh=[done[ranks]], cwd=root, timeout=600,
+                      env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert p.returncode == 0, p.stderr[-3000:]
     return done, ckpt
 
