@@ -2,8 +2,9 @@
 generate against distprune's sampler, OpenMP threads spinning (torch's default) against
 waiting passively (distprune's default), on a quiet machine and beside busy processes.
 
-Each configuration runs in a fresh process (the OpenMP wait policy is read once, when
-torch loads); "busy" starts --busy processes that spin in pure Python for the duration.
+Each wait policy and machine load runs in a fresh process (the OpenMP wait policy is read
+once, when torch loads), which measures both samplers, each after a warm-up run; "busy"
+starts --busy processes that spin in pure Python for the duration.
 
     python scripts/bench_sample.py --tokens 32 --busy 2 --write docs/BENCHMARKS.md
 """
@@ -43,26 +44,30 @@ def child(args) -> None:
                               temperature=1.0, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
                               pad_token_id=bos, eos_token_id=None)
 
-    run = generate if args.sampler == "generate" else lambda: self_windows(model, args.nsamples, args.tokens + 1, 0,
+    out = {}
+    for sampler in SAMPLERS:
+        run = generate if sampler == "generate" else lambda: self_windows(model, args.nsamples, args.tokens + 1, 0,
                                                                           show=False)
-    run()  # warm-up (and a check that it runs)
-    t0 = time.perf_counter()
-    ids = run()
-    seconds = time.perf_counter() - t0
-    assert ids.shape == (args.nsamples, args.tokens + 1)
-    print(json.dumps({"ms_per_token": 1000 * seconds / args.tokens, "threads": torch.get_num_threads(),
-                      "policy": os.environ.get("OMP_WAIT_POLICY", "default")}))
+        run()  # warm-up (and a check that it runs)
+        t0 = time.perf_counter()
+        ids = run()
+        seconds = time.perf_counter() - t0
+        assert ids.shape == (args.nsamples, args.tokens + 1)
+        out[sampler] = {"ms_per_token": 1000 * seconds / args.tokens, "threads": torch.get_num_threads(),
+                        "policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    print(json.dumps(out))
 
 
-def measure(args, sampler: str, wait: str, busy: int) -> dict:
+def measure(args, wait: str, busy: int) -> dict[str, dict]:
+    """Each sampler's result ({"ms_per_token": ...} or {"failed": the error line}) in one
+    process with this wait policy, beside ``busy`` spinning processes."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if wait == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     try:
-        cmd = [sys.executable, __file__, "--child", "--sampler", sampler, "--wait", wait, "--tokens",
-               str(args.tokens), "--nsamples", str(args.nsamples), "--model", args.model,
-               *(["--path", args.path] if args.path else [])]
+        cmd = [sys.executable, __file__, "--child", "--wait", wait, "--tokens", str(args.tokens), "--nsamples",
+               str(args.nsamples), "--model", args.model, *(["--path", args.path] if args.path else [])]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     finally:
         for b in burners:
@@ -70,7 +75,8 @@ def measure(args, sampler: str, wait: str, busy: int) -> dict:
             b.wait()
     if out.returncode != 0:
         lines = out.stderr.strip().splitlines() or ["no output"]
-        return {"failed": "error: " + next((x for x in reversed(lines) if "Error" in x), lines[-1])}
+        failed = {"failed": "error: " + next((x for x in reversed(lines) if "Error" in x), lines[-1])}
+        return dict.fromkeys(SAMPLERS, failed)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -83,7 +89,6 @@ def main() -> None:
     p.add_argument("--busy", type=int, default=2, help="busy processes beside the measurement in the busy rows")
     p.add_argument("--write", default=None, help="markdown file to update with the table")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--sampler", choices=SAMPLERS, help=argparse.SUPPRESS)
     p.add_argument("--wait", choices=WAITS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -94,7 +99,8 @@ def main() -> None:
              f"{args.nsamples}) | time / distprune, passive |", "|---|---|---|---:|---:|"]
     for busy in (0, args.busy):
         load = "quiet" if busy == 0 else f"{busy} busy processes"
-        rows = {(s, w): measure(args, s, w, busy) for s in SAMPLERS for w in WAITS}
+        measured = {w: measure(args, w, busy) for w in WAITS}
+        rows = {(s, w): measured[w][s] for s in SAMPLERS for w in WAITS}
         ref = rows[("distprune", "passive")].get("ms_per_token")
         for (sampler, wait), r in rows.items():
             if "failed" in r:
