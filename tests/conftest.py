@@ -32,9 +32,20 @@ TINY = {
 # stderr that a failing test shows
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 # never the user's ~/.cache/distprune: one temporary cache for the whole run (the built-in
-# model is converted into it once), inherited by every process a test launches
-_CACHE = tempfile.TemporaryDirectory(prefix="distprune-test-cache-")
-os.environ["DISTPRUNE_CACHE"] = _CACHE.name
+# model is converted into it once), inherited by every process a test launches and shared
+# by pytest-xdist's workers (they inherit the controller's environment; conversions and
+# cache files are written under a lock or renamed into place)
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("DISTPRUNE_TEST_CACHE"):
+    os.environ["DISTPRUNE_CACHE"] = os.environ["DISTPRUNE_TEST_CACHE"]
+else:
+    _CACHE = tempfile.TemporaryDirectory(prefix="distprune-test-cache-")
+    os.environ["DISTPRUNE_CACHE"] = os.environ["DISTPRUNE_TEST_CACHE"] = _CACHE.name
+# a worker's own computations share the cores with the other workers: torch threads per
+# worker, not per core (a process a test launches gets torch's default again)
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 os.environ.pop("DISTPRUNE_DATA", None)  # presets resolve the same on every machine
 
 
