@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -364,16 +365,18 @@ def cache_key(fields: dict) -> str:
 
 
 def save(path: Path, stats: dict[str, LayerStats], fields: dict) -> None:
-    """Write statistics atomically (temp file + rename): safetensors, key fields as metadata."""
+    """Write statistics atomically (a temp file of this process, renamed): safetensors, key
+    fields as metadata. Two jobs that compute the same statistics at once (two sweeps on
+    one machine) both write whole files; the last rename wins."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, st in stats.items():
         tensors[f"{name}.sumsq"] = st.sumsq.cpu()
         tensors[f"{name}.sum"] = st.sum.cpu()
         tensors[f"{name}.count"] = torch.tensor([st.count], dtype=torch.int64)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, tmp, metadata={"distprune": json.dumps(fields, sort_keys=True, default=str)})
-    tmp.rename(path)
+    os.replace(tmp, path)
 
 
 def load(path: Path, names: list[str]) -> dict[str, LayerStats] | None:
