@@ -32,11 +32,11 @@ class Solved:
     error: float  # sum of the OBS losses, (w - q)^2 / [H^-1]_jj^2 / 2: the reconstruction error
 
 
-def inverse_factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * I)^-1, float32, with damp = percdamp *
+def inverse_factor(h: torch.Tensor, percdamp: float, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * I)^-1, in dtype, with damp = percdamp *
     mean(diag H); when a factorization fails the dampening grows x10 until it succeeds
     (returned with the factor). h is (in, in) with no zero diagonal entries."""
-    h = h.float()
+    h = h.to(dtype)
     mean = float(h.diagonal().mean())
     for step in range(MAX_DAMP_STEPS + 1):
         pd = percdamp * 10**step if percdamp > 0 else (0.0 if step == 0 else 10.0 ** (step - 3))
@@ -69,22 +69,37 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+def work_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a solve computes in: float32 as the reference does, but float64 on a CPU.
+    A CPU's BLAS and LAPACK kernels (Cholesky, the lazy batch update's matmul) sum in an
+    order that depends on the thread count, and SparseGPT's column loop amplifies the
+    difference: each weight chosen differently changes the updates of the rest of its row.
+    A plain process (every core) and torchrun ranks (one thread each) then disagreed on
+    2.7% of the mask of a 132M-parameter bfloat16 Llama (sequential, 8 blocks; issue 22).
+    In float64 the kernels' differences sit at 1e-16 and the masks agree (docs/BENCHMARKS.md,
+    "Rank invariance of solves"). A GPU solves a layer with the same kernels whatever the
+    rank count: float32 there."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
 @torch.no_grad()
 def solve(weight: torch.Tensor, hessian: torch.Tensor, k: int, scope: str = "layer", m: int = 4,
-          blocksize: int = 128, percdamp: float = 0.01) -> Solved:
+          blocksize: int = 128, percdamp: float = 0.01, dtype: torch.dtype | None = None) -> Solved:
     """Prune k weights of ``weight`` (out, in) with the Hessian ``hessian`` (in, in) of its
     inputs, H = 2/n * sum x x^T. scope: ``layer`` (any k of the layer), ``row`` (k spread
     over the rows: k // rows each, one more in the k % rows rows whose next weight has the
     lowest saliency before the solve, ``select.extra_rows``) or
     ``nm`` (k * m / (out * in) of every m consecutive weights of a row, chosen on the
-    already-updated weights). Returns float32 weights."""
-    w = weight.detach().float().clone()
+    already-updated weights). Computes in ``dtype`` (default: ``work_dtype``); returns
+    float32 weights."""
+    dtype = dtype or work_dtype(weight.device)
+    w = weight.detach().to(dtype, copy=True)
     rows, cols = w.shape
-    h = hessian.detach().float().clone()
+    h = hessian.detach().to(dtype, copy=True)
     dead = h.diagonal() == 0  # inputs that were always 0: no information, weight removed
     h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
-    hinv, used = inverse_factor(h, percdamp)
+    hinv, used = inverse_factor(h, percdamp, dtype)
     n = k * m // (rows * cols) if scope == "nm" else 0
     if scope == "layer":
         counts = _counts(k, cols, blocksize)
@@ -123,7 +138,7 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, k: int, scope: str = "lay
         w[:, i1:i2] = q1
         mask[:, i1:i2] = mask1
         w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])  # later columns only: w[:, i1:i2] stays q1
-    return Solved(w, mask, used, float(losses.sum()))
+    return Solved(w.float(), mask, used, float(losses.sum()))
 
 
 def solve_cost(rows: int, cols: int) -> float:

@@ -62,13 +62,19 @@ def compare(a_dir: Path, b_dir: Path) -> tuple[float, float, int]:
     return agree / total, worst, total
 
 
+def solve_seconds(directory: Path) -> str:
+    """Seconds each rank spent solving (solve methods), from the report."""
+    solve = json.loads((directory / "distprune_report.json").read_text()).get("solve") or {}
+    return ", ".join(f"{t:.1f}" for t in solve.get("seconds_per_rank", [])) or "-"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--ranks", default="2", help="comma-separated torchrun rank counts")
     p.add_argument("--work", type=Path, default=None, help="where the outputs go (default: a temporary folder)")
     p.add_argument("overrides", nargs="*", help="key=value settings added to the job")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     with tempfile.TemporaryDirectory(prefix="rank-invariance-") as tmp:
         work = args.work or Path(tmp)
         run(1, args.checkpoint.resolve(), work / "ws1", args.overrides)
@@ -76,7 +82,8 @@ def main() -> None:
             run(ranks, args.checkpoint.resolve(), work / f"ws{ranks}", args.overrides)
             agree, worst, n = compare(work / "ws1", work / f"ws{ranks}")
             print(f"1 process vs {ranks} ranks: masks agree on {100 * agree:.4f}% of {n} weights; "
-                  f"largest kept-weight difference {worst:.3g} of max|W|")
+                  f"largest kept-weight difference {worst:.3g} of max|W|; solve seconds {solve_seconds(work / 'ws1')}"
+                  f" (1 process), {solve_seconds(work / f'ws{ranks}')} ({ranks} ranks)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from distprune.models import load
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKED = {"bench_select.py", "bench_load.py", "bench_sample.py", "bench_solve.py", "results.py", "gpu_check.sh",
-          "make_checkpoint.py", "upcycle_moe.py", "alps_layers.py"}
+          "make_checkpoint.py", "upcycle_moe.py", "alps_layers.py", "rank_invariance.py"}
 
 
 def script(tmp_path, *args, env=None, timeout=600):
@@ -133,6 +133,13 @@ def test_results(tmp_path, checkpoint, corpus):
     text = out.read_text()
     assert "| dense | - |" in text and "| wanda, row, sequential, calib=self | 0.5000 |" in text
     assert text.startswith("# Results\n\n## Another section\n\nkept\n")  # other sections stay
+
+
+def test_rank_invariance(tmp_path, checkpoint, corpus):
+    p = script(tmp_path, "rank_invariance.py", str(checkpoint), "--ranks", "2", "model.dtype=bfloat16",
+               "calib.nsamples=4", "calib.seqlen=32", env={"DISTPRUNE_DATA": str(corpus)})
+    assert ("1 process vs 2 ranks: masks agree on 100.0000% of 86016 weights; largest kept-weight difference 0 "
+            in p.stdout)
 
 
 def test_gpu_check_smoke(tmp_path):

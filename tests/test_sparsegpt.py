@@ -72,10 +72,11 @@ def problem(rows=24, cols=96, tokens=400, seed=0):
     return torch.randn(rows, cols, generator=g), x, 2 / tokens * x.t() @ x
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the reference's; a CPU's (work_dtype)
 @pytest.mark.parametrize("scope, kw", [("layer", {}), ("nm", {"prunen": 2, "prunem": 4})])
-def test_solve_is_the_reference_algorithm(scope, kw):
+def test_solve_is_the_reference_algorithm(scope, kw, dtype):
     w, _, h = problem()
-    got = sparsegpt.solve(w, h, w.numel() // 2, scope, m=4, blocksize=32)
+    got = sparsegpt.solve(w, h, w.numel() // 2, scope, m=4, blocksize=32, dtype=dtype)
     ref = reference(w, h, 0.5, blocksize=32, **kw)
     assert torch.equal(got.mask, ref == 0)
     torch.testing.assert_close(got.weight, ref, rtol=1e-4, atol=1e-5)
@@ -210,6 +211,29 @@ def test_sparsegpt_end_to_end_beats_wanda_on_its_own_calibration(arch, mode):
     assert not math.isnan(sum(d["error"] for d in solve["layers"].values()))
 
 
+def test_sequential_sparsegpt_on_a_bfloat16_model_does_not_depend_on_the_thread_count():
+    """A CPU's kernels sum in an order that depends on the thread count, and SparseGPT's
+    column loop amplifies it (each weight chosen differently changes the rest of its row's
+    updates): solved in float32, 1 and 2 threads agreed on 99.4% of this model's mask.
+    Solves on a CPU run in float64 (sparsegpt.work_dtype): the same masks and weights."""
+    config = dict(TINY["llama"], hidden_size=256, intermediate_size=688, num_hidden_layers=3)
+    threads = torch.get_num_threads()
+    pruned = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            model = load(ModelConfig(random=config, seed=0, dtype="bfloat16")).model
+            windows = lambda: torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+            calibrate_and_prune(model, PruneConfig(method="sparsegpt", scope="layer", mode="sequential"), windows,
+                                "cpu", show_progress=False)
+            pruned.append({x.name: x.weight.clone() for x in prunable_layers(model)})
+    finally:
+        torch.set_num_threads(threads)
+    a, b = pruned
+    assert all(t.dtype == torch.bfloat16 for t in a.values())
+    assert all(torch.equal(a[k] == 0, b[k] == 0) and torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.fixture(scope="module")
 def solved(tmp_path_factory):
     """sparsegpt (layer and nm, oneshot and sequential) and ria for 1, 2 and 3 ranks; 7
@@ -218,12 +242,16 @@ def solved(tmp_path_factory):
     launch each (ranks.jobs); the one-thread process and 3 ranks also run "nobatch": 2
     batches, so that rank 2 sees none."""
     root = tmp_path_factory.mktemp("solve")
-    common = ["model.dtype=float32", "calib.nsamples=7", "calib.seqlen=32", "calib.batch_size=2", "calib.cache=false"]
-    sparsegpt = {f"{scope}-{mode}": ["prune.method=sparsegpt", f"prune.scope={scope}", f"prune.mode={mode}"]
+    common = ["calib.nsamples=7", "calib.seqlen=32", "calib.batch_size=2", "calib.cache=false"]
+    sparsegpt = {f"{scope}-{mode}": ["model.dtype=float32", "prune.method=sparsegpt", f"prune.scope={scope}",
+                                     f"prune.mode={mode}"]
                  for scope in ("layer", "nm") for mode in ("oneshot", "sequential")}
-    ria = {f"ria-{scope}": ["prune.method=ria", f"prune.scope={scope}", "prune.mode=oneshot"]
+    sparsegpt["bf16-layer-sequential"] = ["model.dtype=bfloat16", "prune.method=sparsegpt", "prune.scope=layer",
+                                          "prune.mode=sequential"]
+    ria = {f"ria-{scope}": ["model.dtype=float32", "prune.method=ria", f"prune.scope={scope}", "prune.mode=oneshot"]
            for scope in ("global", "row")}
-    nobatch = {"nobatch": ["prune.method=sparsegpt", "prune.scope=row", "calib.nsamples=2", "calib.batch_size=1"]}
+    nobatch = {"nobatch": ["model.dtype=float32", "prune.method=sparsegpt", "prune.scope=row", "calib.nsamples=2",
+                           "calib.batch_size=1"]}
     done = {}
     for ranks, name in ((1, "ws1"), (2, "ws2"), (3, "ws3"), (2, "ws2-again"), (1, "ws1-1thread")):
         named = sparsegpt | (ria if name in ("ws1", "ws2", "ws3") else {}) | (
@@ -236,7 +264,7 @@ def solved(tmp_path_factory):
     return done
 
 
-JOBS = ["layer-oneshot", "layer-sequential", "nm-oneshot", "nm-sequential"]
+JOBS = ["layer-oneshot", "layer-sequential", "nm-oneshot", "nm-sequential", "bf16-layer-sequential"]
 
 
 @pytest.mark.parametrize("job", JOBS)
@@ -248,17 +276,12 @@ def test_same_world_size_same_weights(solved, job):
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("job", JOBS)
 def test_sparsegpt_does_not_depend_on_the_rank_count(solved, ranks, job):
-    """The guarantee (distprune/stats.py, Hessians): masks agree on >= 99.99% of the weights
-    and weights are equal within float tolerance (measured: masks 100%, weights within
-    1.4e-6); with the threads per process of the ranks, the weights are identical."""
+    """The guarantee (distprune/stats.py, Hessians; sparsegpt.work_dtype): on a CPU, one
+    process with every core's threads and torchrun ranks with one thread each write the
+    same weights, float32 and bfloat16 models alike; so does one process with one thread."""
     ref, got = tensors(solved["ws1"] / job), tensors(solved[f"ws{ranks}"] / job)
     assert ref.keys() == got.keys()
-    total = agree = 0
-    for key in ref:
-        total += ref[key].numel()
-        agree += int(((ref[key] == 0) == (got[key] == 0)).sum())
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-6)
-    assert agree / total >= 0.9999
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
     same_threads = tensors(solved["ws1-1thread"] / job)
     assert all(torch.equal(same_threads[k], got[k]) for k in ref)  # exact float64 sums of float32 terms
     report = json.loads((solved[f"ws{ranks}"] / job / "distprune_report.json").read_text())
