@@ -137,7 +137,8 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
             solved = method.solve(layer.weight, statistics[layer.name], cfg, targets[layer.name])
             groups.layers.append(write_solved(layer, solved.weight, solved.mask, targets[layer.name]))
             groups.seconds["solve"] += time.perf_counter() - t0
-            details[layer.name] = {"percdamp": solved.percdamp, "error": solved.error}
+            details[layer.name] = {"percdamp": solved.percdamp, "error": solved.error,
+                                   "seconds": round(time.perf_counter() - t0, 4), "shape": list(layer.weight.shape)}
         return PruneResult(cfg, groups, solve={"layers": details}, allocation=alloc)
 
     def score(layer: PrunableLayer) -> torch.Tensor:  # global scope: normalized (allocate.normalized)
