@@ -123,7 +123,26 @@ def child(args) -> None:
             masks = None
         if args.method == "global_unstructured":
             del modules, importance
-    print(json.dumps({"times": times, "peak_bytes": peaks[0], "passes": passes, "n": n, "k": k}))
+    print(json.dumps({"times": times, "peak_bytes": peaks[0], "passes": passes, "n": n, "k": k,
+                      "copy": copy_floor(weights, args.repeat, cuda)}))
+
+
+def copy_floor(weights: list[torch.Tensor], repeat: int, cuda: bool) -> float:
+    """Median seconds of a plain copy of every weight's bytes into one reused buffer (the
+    size of the largest layer): what one pass over the weights costs at memory speed, the
+    floor each selection pass is compared with."""
+    buf = torch.empty(max(w.numel() for w in weights), dtype=weights[0].dtype, device=weights[0].device)
+    times = []
+    for _ in range(max(repeat, 3)):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for w in weights:
+            buf[:w.numel()].view_as(w).copy_(w)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def dist_child(args) -> None:
@@ -291,7 +310,7 @@ def main() -> None:
                 med = statistics.median(r["times"])
                 rows.append({
                     "score": score, "method": method, "median_s": med, "peak_extra_mib": r["peak_bytes"] / 2**20,
-                    "passes": r["passes"], "n": r["n"],
+                    "passes": r["passes"], "n": r["n"], "copy_s": r["copy"],
                     "agreement": agreement(ref["mask"], r["mask"], r["n"]) if ref else None,
                     "x_radix": med / radix if radix else None,
                 })
@@ -317,16 +336,19 @@ def exit_on_errors(table: str) -> None:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| score | method | median s | peak extra MiB | passes | agreement with sort | time / radix |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    """The methods table; "per pass / copy" is a selection pass's time (median / passes) over
+    a plain copy of the same bytes, measured in the same process (``copy_floor``)."""
+    lines = ["| score | method | median s | peak extra MiB | passes | agreement with sort | time / radix | "
+             "copy floor s | per pass / copy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['score']} | {r['method']} | {r['failed']} | | | | |")
+            lines.append(f"| {r['score']} | {r['method']} | {r['failed']} | | | | | | |")
             continue
         agree = f"{100 * r['agreement']:.4f}%" if r["agreement"] is not None else "-"
         ratio = f"{r['x_radix']:.1f}x" if r["x_radix"] is not None else "-"
         lines.append(f"| {r['score']} | {r['method']} | {r['median_s']:.3f} | {r['peak_extra_mib']:.0f} | "
-                     f"{r['passes']} | {agree} | {ratio} |")
+                     f"{r['passes']} | {agree} | {ratio} | {r['copy_s']:.4f} | "
+                     f"{r['median_s'] / r['passes'] / r['copy_s']:.1f}x |")
     return "\n".join(lines)
 
 

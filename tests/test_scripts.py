@@ -68,6 +68,7 @@ def test_bench_select_every_axis(tmp_path):
     for method in ("sort", "global_unstructured", "search", "radix"):
         assert f"| magnitude | {method} | " in text
     assert "| magnitude | radix | 2 | " in text and "524,288 |" in text  # one bf16 histogram per pass
+    assert "| per pass / copy |" in text and text.count("x |") >= 8  # every method against the copy floor
 
 
 def test_bench_select_fails_on_a_broken_measurement(tmp_path):
