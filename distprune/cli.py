@@ -100,6 +100,9 @@ def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[mod
             found = models.load_streamed(cfg.model, wanted)
             if found is not None:
                 loaded, nbytes = found
+                if comm.world_size > 1:  # blocks travel between ranks, not from disk
+                    loaded.stream.share(comm, [models.shard_keys(loaded.model, cfg.prune.include, cfg.prune.exclude,
+                                                                 r, comm.world_size) for r in range(comm.world_size)])
                 return loaded, {"mode": "streamed", "bytes_per_rank": comm.all_gather_ints(nbytes)}
         return models.load(cfg.model, "cpu"), {"mode": "full"}
 
@@ -164,15 +167,28 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
                                cache_file, fields, comm, own=own, blocks_from=loaded.stream, moe_policy=cfg.calib.moe)
 
 
-def from_owners(parts: list[list[models.PrunableLayer]], comm: Comm) -> Callable[[int], None] | None:
+def disk_read_bytes() -> int:
+    """Bytes this process has read from storage (/proc/self/io read_bytes: page-cache misses);
+    0 where the system does not say."""
+    try:
+        text = Path("/proc/self/io").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("read_bytes:")), 0)
+
+
+def from_owners(parts: list[list[models.PrunableLayer]], comm: Comm, delivered: set[str] = frozenset()
+                ) -> Callable[[int], None] | None:
     """For a block-wise pass over the pruned model: before block i runs, every rank gets the
-    pruned weights of block i's layers from the ranks that own them."""
+    pruned weights of block i's layers from the ranks that own them, except those whose
+    tensors (``delivered``) the streamed model's block loads already bring from them."""
     if comm.world_size == 1:
         return None
     by_block: dict[int, list[tuple[models.PrunableLayer, int]]] = {}
     for rank, part in enumerate(parts):
         for layer in part:
-            by_block.setdefault(layer.block, []).append((layer, rank))
+            if layer.key not in delivered:
+                by_block.setdefault(layer.block, []).append((layer, rank))
 
     def share(i: int) -> None:
         for layer, rank in by_block.get(i, []):
@@ -210,9 +226,11 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
                     cfg.prune.method)
     device = dist.device_of(comm, resolve_device(cfg.device))
     seconds: dict[str, float] = {}
+    disk_mark = disk_read_bytes()
 
     with phase(seconds, "load"):
         loaded, how = load_model(cfg, comm, shared)
+        traffic_mark = loaded.stream.traffic()
         coverage = models.Coverage()
         layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude, coverage)
         parts = models.partition(layers, comm.world_size)
@@ -305,7 +323,8 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
                     "; prune.normalize=row spreads a global threshold more evenly" if varied else "")
     if cfg.eval.source:
         with phase(seconds, "eval"):
-            ppl["pruned"] = evaluate_ppl(cfg, loaded, windows, device, comm, from_owners(parts, comm))
+            ppl["pruned"] = evaluate_ppl(cfg, loaded, windows, device, comm,
+                                         from_owners(parts, comm, loaded.stream.delivered()))
         log.info("eval: pruned perplexity %.3f (dense %s) in %.1fs", ppl["pruned"],
                  f"{ppl['dense']:.3f}" if "dense" in ppl else "not evaluated", seconds["eval"])
 
@@ -321,6 +340,12 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
 
     # peak resident memory of each rank's process so far (a sweep: over its jobs so far)
     rss = comm.all_gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    # what each rank read of the checkpoint in this job's passes (after its load), received of
+    # other ranks' blocks, and read from the disk itself (page-cache misses, the whole job)
+    read, received = (a - b for a, b in zip(loaded.stream.traffic(), traffic_mark, strict=True))
+    blocks = {"read_bytes_per_rank": comm.all_gather_ints(read),
+              "received_bytes_per_rank": comm.all_gather_ints(received),
+              "disk_read_bytes_per_rank": comm.all_gather_ints(disk_read_bytes() - disk_mark)}
     report = {
         "model": loaded.source,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
@@ -328,6 +353,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         "world_size": comm.world_size,
         "model_reused": how["mode"] == "reused",
         "load": how,
+        "blocks": blocks,
         "selection_bytes_per_rank": sent,  # statistics (a cache miss) and selection collectives
         "weights": coverage.as_dict(),  # every parameter of the model, by what was done with it
         **summary,

@@ -118,6 +118,18 @@ class Comm:
                 t.copy_(wire)
         return t
 
+    def broadcast_bytes_(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """Rank src's contiguous tensor on every rank, in place, as raw bytes (any dtype:
+        bfloat16 travels as its 2 bytes); not counted in ``bytes_communicated`` (the caller
+        counts what it moves: a model's blocks are not the job's statistics)."""
+        if self._dist:
+            raw = t.reshape(-1).view(torch.uint8)
+            wire = self._on_wire(raw)
+            self._dist.broadcast(wire, src=src)
+            if wire is not raw:
+                raw.copy_(wire)
+        return t
+
     def broadcast_int(self, value: int) -> int:
         """Rank 0's value on every rank."""
         if not self._dist:

@@ -54,6 +54,7 @@ class Reader:
                     raise ConfigError(f"{f}: tensor {key} has dtype {v['dtype']}, which distprune cannot read")
                 start, end = v["data_offsets"]
                 self.where[key] = (f, DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + start, 8 + n + end)
+        self.bytes_read = 0  # every read, at load and in passes
 
     def dtype(self, key: str) -> torch.dtype:
         return self.where[key][1]
@@ -73,6 +74,7 @@ class Reader:
                 if not got:
                     raise ConfigError(f"model file {str(f)!r} ends inside tensor {key}")
                 done += got
+        self.bytes_read += done
         return buf.view(dtype).reshape(shape)
 
 
@@ -109,6 +111,12 @@ class InMemory:
     def read(self, name: str) -> torch.Tensor:
         raise KeyError(name)
 
+    def delivered(self) -> set[str]:
+        return set()
+
+    def traffic(self) -> tuple[int, int]:
+        return 0, 0
+
 
 IN_MEMORY = InMemory()
 
@@ -144,6 +152,33 @@ class Streamed:
         self.block_groups = [[g for g in self.groups if g[0].startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
         self.resident: set[str] = set()
         self._checked: set[int] = set()
+        self.comm = None  # share(): blocks come from the ranks that hold them
+        self.source: dict[str, int] = {}  # block group -> the rank that sends it
+        self.bytes_received = 0
+
+    def share(self, comm, held: list[set[str]]) -> None:
+        """With several ranks, each block's tensors come from one rank by broadcast instead of
+        every rank reading them from disk: a tensor some rank keeps (``held[r]``: rank r's
+        resident names, the layers it prunes) from that rank, as it is now (the pruned
+        weights once pruned), and the rest of block i (norms, biases) from rank i % world
+        size, which reads it. A fused experts tensor is still read by every rank that needs
+        it (several ranks may hold views of it; ``read_expert`` reads one expert at a time)."""
+        self.comm, self.source = comm, {}
+        for i, groups in enumerate(self.block_groups):
+            for group in groups:
+                if self._is_experts(group[0]):
+                    continue
+                holders = [r for r, names in enumerate(held) if names.intersection(group)]
+                if len(holders) <= 1:
+                    self.source[group[0]] = holders[0] if holders else i % comm.world_size
+
+    def traffic(self) -> tuple[int, int]:
+        """(bytes read from the checkpoint, bytes of blocks received from other ranks) so far."""
+        return self.reader.bytes_read, self.bytes_received
+
+    def delivered(self) -> set[str]:
+        """Names of the tensors that block loads bring from the rank that holds them (share)."""
+        return {name for group in self.groups if group[0] in self.source for name in group}
 
     def complete(self) -> bool:
         """Whether the checkpoint holds every tensor of the model under one of its names
@@ -171,13 +206,33 @@ class Streamed:
         experts tensor that is not resident on disk: ``read_expert`` reads it an expert at a
         time (a Mixtral-8x7B block is 2.7 GiB, one expert of it 0.34 GiB)."""
         for group in self.block_groups[i]:
-            if getattr(*self.slots[group[0]]).is_meta and (experts or not self._is_experts(group[0])):
+            src = self.source.get(group[0])
+            if src is not None:
+                self._broadcast(group, src)
+            elif getattr(*self.slots[group[0]]).is_meta and (experts or not self._is_experts(group[0])):
                 self._materialize(group)
         if i not in self._checked:  # each block once: its non-resident tensors are read again later
             self._checked.add(i)
             for group in self.block_groups[i]:  # an expert left on disk is checked as it is read
                 if not getattr(*self.slots[group[0]]).is_meta:
                     check_finite(group[0], getattr(*self.slots[group[0]]))
+
+    def _broadcast(self, group: list[str], src: int) -> None:
+        """A group's tensor from rank src (which reads it when it does not keep it) to every
+        rank, in the model's dtype, bytes as they are."""
+        ref = getattr(*self.slots[group[0]])
+        if self.comm.rank == src:
+            if ref.is_meta:
+                self._materialize(group)
+            self.comm.broadcast_bytes_(getattr(*self.slots[group[0]]).data, src)
+            return
+        t = torch.empty(ref.shape, dtype=ref.dtype)
+        self.comm.broadcast_bytes_(t, src)
+        self.bytes_received += t.numel() * t.element_size()
+        if ref.is_meta:
+            self._put(group, t, isinstance(ref, nn.Parameter))
+        else:  # held here too (cannot happen for a group with one holder): keep the sender's values
+            ref.data.copy_(t)
 
     def _is_experts(self, name: str) -> bool:
         module, attr = self.slots[name]

@@ -171,6 +171,13 @@ def test_streamed_equals_the_model_in_memory(streamed_runs, arch, way):
     if way == "ws2":  # each rank read its own layers and the tensors outside the blocks, not the model
         total = sum(t.numel() * t.element_size() for t in tensors(done[arch, "full"](next(iter(JOBS)))).values())
         assert max(first["load"]["bytes_per_rank"]) < 0.8 * total
+        # in its passes (two evaluations) a rank received the others' blocks and read only the few
+        # tensors no rank keeps (norms, biases): every rank reading every block was 2x the blocks
+        passes = first["blocks"]
+        assert min(passes["received_bytes_per_rank"]) > 0.2 * total
+        assert sum(passes["read_bytes_per_rank"]) < 0.05 * total
+    else:
+        assert first["blocks"]["received_bytes_per_rank"] == [0]
 
 
 def test_two_torchrun_agents_with_c10d_rendezvous(streamed_runs):
