@@ -155,6 +155,7 @@ class Streamed:
         self.comm = None  # share(): blocks come from the ranks that hold them
         self.source: dict[str, int] = {}  # block group -> the rank that sends it
         self.bytes_received = 0
+        self.received: set[str] = set()  # groups kept from another rank's broadcast (keep_from)
 
     def share(self, comm, held: list[set[str]]) -> None:
         """With several ranks, each block's tensors come from one rank by broadcast instead of
@@ -195,10 +196,31 @@ class Streamed:
                 self.resident.add(group[0])
         return read
 
-    def reload(self) -> None:
-        """Read the resident tensors again: the dense weights, for the next job of a sweep."""
+    def keep_from(self, comm, names: set[str], src: int) -> None:
+        """Keep the groups that any of ``names`` belongs to, read by rank src (which keeps
+        them already) and broadcast to the other ranks: the embeddings, final norm and head,
+        which every rank that runs forward passes needs and one reads."""
         for group in self.groups:
-            if group[0] in self.resident:
+            if not names.intersection(group):
+                continue
+            if comm.rank == src:
+                if group[0] not in self.resident:
+                    self._materialize(group)
+                    self.resident.add(group[0])
+                comm.broadcast_bytes_(getattr(*self.slots[group[0]]).data, src)
+                continue
+            ref = getattr(*self.slots[group[0]])
+            t = torch.empty(ref.shape, dtype=ref.dtype)
+            comm.broadcast_bytes_(t, src)
+            self._put(group, t, isinstance(ref, nn.Parameter))
+            self.resident.add(group[0])
+            self.received.add(group[0])
+
+    def reload(self) -> None:
+        """Read the resident tensors again: the dense weights, for the next job of a sweep
+        (not those received at load: no job changes them)."""
+        for group in self.groups:
+            if group[0] in self.resident and group[0] not in self.received:
                 self._materialize(group)
 
     def load_block(self, i: int, experts: bool = True) -> None:

@@ -171,6 +171,8 @@ def test_streamed_equals_the_model_in_memory(streamed_runs, arch, way):
     if way == "ws2":  # each rank read its own layers and the tensors outside the blocks, not the model
         total = sum(t.numel() * t.element_size() for t in tensors(done[arch, "full"](next(iter(JOBS)))).values())
         assert max(first["load"]["bytes_per_rank"]) < 0.8 * total
+        # and every tensor at most once over the ranks: rank 0 reads the embeddings and head, sends them
+        assert sum(first["load"]["bytes_per_rank"]) <= total
         # in its passes (two evaluations) a rank received the others' blocks and read only the few
         # tensors no rank keeps (norms, biases): every rank reading every block was 2x the blocks
         passes = first["blocks"]
