@@ -136,9 +136,10 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
             t0 = time.perf_counter()
             solved = method.solve(layer.weight, statistics[layer.name], cfg, targets[layer.name])
             groups.layers.append(write_solved(layer, solved.weight, solved.mask, targets[layer.name]))
-            groups.seconds["solve"] += time.perf_counter() - t0
-            details[layer.name] = {"percdamp": solved.percdamp, "error": solved.error,
-                                   "seconds": round(time.perf_counter() - t0, 4), "shape": list(layer.weight.shape)}
+            seconds = time.perf_counter() - t0
+            groups.seconds["solve"] += seconds
+            details[layer.name] = {"percdamp": solved.percdamp, "error": solved.error, "seconds": round(seconds, 4),
+                                   "shape": list(layer.weight.shape)}
         return PruneResult(cfg, groups, solve={"layers": details}, allocation=alloc)
 
     def score(layer: PrunableLayer) -> torch.Tensor:  # global scope: normalized (allocate.normalized)

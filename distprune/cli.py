@@ -93,8 +93,11 @@ def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[mod
 
     def load() -> tuple[models.LoadedModel, dict]:
         if streams(cfg):
+            shards: list[set[str]] = []  # each rank's layers
+
             def wanted(model) -> set[str]:  # the tensors outside the blocks: rank 0 reads them, sends them below
-                keys = models.shard_keys(model, cfg.prune.include, cfg.prune.exclude, comm.rank, comm.world_size)
+                shards.extend(models.shard_keys(model, cfg.prune.include, cfg.prune.exclude, comm.world_size))
+                keys = shards[comm.rank]
                 return keys | models.outside_keys(model) if forward and comm.is_main else keys
 
             found = models.load_streamed(cfg.model, wanted)
@@ -103,8 +106,7 @@ def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[mod
                 if comm.world_size > 1:  # blocks travel between ranks, not from disk
                     if forward:
                         loaded.stream.keep_from(comm, models.outside_keys(loaded.model), 0)
-                    loaded.stream.share(comm, [models.shard_keys(loaded.model, cfg.prune.include, cfg.prune.exclude,
-                                                                 r, comm.world_size) for r in range(comm.world_size)])
+                    loaded.stream.share(comm, shards)
                 return loaded, {"mode": "streamed", "bytes_per_rank": comm.all_gather_ints(nbytes)}
         return models.load(cfg.model, "cpu"), {"mode": "full"}
 

@@ -375,10 +375,9 @@ def blocks_prefix(model: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is blocks)
 
 
-def shard_keys(model: nn.Module, include, exclude, rank: int, world_size: int) -> set[str]:
-    """State-dict names of the weights of a rank's layers."""
-    layers = prunable_layers(model, include, exclude)
-    return {layer.key for layer in partition(layers, world_size)[rank]}
+def shard_keys(model: nn.Module, include, exclude, world_size: int) -> list[set[str]]:
+    """State-dict names of the weights of each rank's layers, in rank order."""
+    return [{layer.key for layer in part} for part in partition(prunable_layers(model, include, exclude), world_size)]
 
 
 def writer_parts(parts: list[list[PrunableLayer]]) -> list[list[str]]:

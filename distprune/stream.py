@@ -201,20 +201,10 @@ class Streamed:
         them already) and broadcast to the other ranks: the embeddings, final norm and head,
         which every rank that runs forward passes needs and one reads."""
         for group in self.groups:
-            if not names.intersection(group):
-                continue
-            if comm.rank == src:
-                if group[0] not in self.resident:
-                    self._materialize(group)
-                    self.resident.add(group[0])
-                comm.broadcast_bytes_(getattr(*self.slots[group[0]]).data, src)
-                continue
-            ref = getattr(*self.slots[group[0]])
-            t = torch.empty(ref.shape, dtype=ref.dtype)
-            comm.broadcast_bytes_(t, src)
-            self._put(group, t, isinstance(ref, nn.Parameter))
-            self.resident.add(group[0])
-            self.received.add(group[0])
+            if names.intersection(group):
+                if self._broadcast(comm, group, src):
+                    self.received.add(group[0])
+                self.resident.add(group[0])
 
     def reload(self) -> None:
         """Read the resident tensors again: the dense weights, for the next job of a sweep
@@ -230,7 +220,7 @@ class Streamed:
         for group in self.block_groups[i]:
             src = self.source.get(group[0])
             if src is not None:
-                self._broadcast(group, src)
+                self.bytes_received += self._broadcast(self.comm, group, src)
             elif getattr(*self.slots[group[0]]).is_meta and (experts or not self._is_experts(group[0])):
                 self._materialize(group)
         if i not in self._checked:  # each block once: its non-resident tensors are read again later
@@ -239,22 +229,20 @@ class Streamed:
                 if not getattr(*self.slots[group[0]]).is_meta:
                     check_finite(group[0], getattr(*self.slots[group[0]]))
 
-    def _broadcast(self, group: list[str], src: int) -> None:
-        """A group's tensor from rank src (which reads it when it does not keep it) to every
-        rank, in the model's dtype, bytes as they are."""
+    def _broadcast(self, comm, group: list[str], src: int) -> int:
+        """A group's tensor from rank src (which reads it when it is not in memory) into every
+        other rank's model, in the model's dtype, bytes as they are; returns the bytes this
+        rank received (0 on src)."""
         ref = getattr(*self.slots[group[0]])
-        if self.comm.rank == src:
+        if comm.rank == src:
             if ref.is_meta:
                 self._materialize(group)
-            self.comm.broadcast_bytes_(getattr(*self.slots[group[0]]).data, src)
-            return
+            comm.broadcast_bytes_(getattr(*self.slots[group[0]]).data, src)
+            return 0
         t = torch.empty(ref.shape, dtype=ref.dtype)
-        self.comm.broadcast_bytes_(t, src)
-        self.bytes_received += t.numel() * t.element_size()
-        if ref.is_meta:
-            self._put(group, t, isinstance(ref, nn.Parameter))
-        else:  # held here too (cannot happen for a group with one holder): keep the sender's values
-            ref.data.copy_(t)
+        comm.broadcast_bytes_(t, src)
+        self._put(group, t, isinstance(ref, nn.Parameter))
+        return t.numel() * t.element_size()
 
     def _is_experts(self, name: str) -> bool:
         module, attr = self.slots[name]
