@@ -145,8 +145,16 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
     def score(layer: PrunableLayer) -> torch.Tensor:  # global scope: normalized (allocate.normalized)
         return allocate.normalized(_scores(method, layer, statistics, cfg), cfg.normalization)
 
+    def rows(layer: PrunableLayer, a: int, b: int) -> torch.Tensor:  # score(layer)[a:b], from rows a to b only
+        return allocate.normalized(_scores(method, layer, statistics, cfg, slice(a, b)), cfg.normalization)
+
+    # on CPU, layers scored row by row stream in cache-sized pieces (select.ScoreStream); a
+    # layer-wide normalization needs the whole layer first, and a GPU is fastest on whole layers
+    by_rows = method.rowwise and cfg.normalization in ("none", "row") and all(
+        layer.weight.device.type == "cpu" for layer in layers)
     groups = prune_groups(layers, score, cfg.scope, cfg.sparsity, cfg.selector, comm, show_progress, m=cfg.m,
-                          targets=targets, search_tol=cfg.search_tol, search_max_iter=cfg.search_max_iter)
+                          targets=targets, rows=rows if by_rows else None, search_tol=cfg.search_tol,
+                          search_max_iter=cfg.search_max_iter)
     return PruneResult(cfg, groups, allocation=alloc)
 
 
@@ -249,10 +257,10 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     return result
 
 
-def _scores(method, layer: PrunableLayer, statistics, cfg: PruneConfig) -> torch.Tensor:
-    """A layer's (out, in) scores by a score method; contiguous: stream order (ties) is the
-    flat index."""
-    return method.score(layer.weight, statistics[layer.name] if method.calibrated else None, cfg).contiguous()
+def _scores(method, layer: PrunableLayer, statistics, cfg: PruneConfig, rows: slice = slice(None)) -> torch.Tensor:
+    """A layer's (out, in) scores by a score method, or those of some of its rows (a
+    ``rowwise`` method); contiguous: stream order (ties) is the flat index."""
+    return method.score(layer.weight[rows], statistics[layer.name] if method.calibrated else None, cfg).contiguous()
 
 
 def _tokens(statistics: dict[str, stats.LayerStats]) -> dict[str, int]:

@@ -16,9 +16,19 @@ from distprune import allocate
 from distprune.dist import SINGLE, Comm
 from distprune.models import PrunableLayer
 from distprune.progress import progress
-from distprune.select import ScoreStream, Selection, TieBudget, check_finite, row_mask, rows_mask, select, target_count
+from distprune.select import (
+    ScoreStream,
+    Selection,
+    TieBudget,
+    check_finite,
+    row_mask,
+    rows_mask,
+    select,
+    target_count,
+)
 
 ScoreFn = Callable[[PrunableLayer], torch.Tensor]  # layer -> (out, in) scores
+RowsFn = Callable[[PrunableLayer, int, int], torch.Tensor]  # (layer, a, b) -> the scores of rows [a, b)
 # comparison groups: the whole model, a layer, an output row, m consecutive weights of a row
 SCOPES = ("global", "layer", "row", "nm")
 
@@ -66,13 +76,15 @@ def write_solved(layer: PrunableLayer, weight: torch.Tensor, mask: torch.Tensor,
 
 def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsity: float,
                  selector: str, comm: Comm = SINGLE, show: bool = True, m: int = 4,
-                 targets: dict[str, int] | None = None, **search) -> GroupsResult:
+                 targets: dict[str, int] | None = None, rows: RowsFn | None = None, **search) -> GroupsResult:
     """Prune the comparison groups of the scope: global, round(sparsity * n) weights of the
     whole model; layer and row, each layer its target (``targets``, allocate.py; a row
     scope spreads it over the rows, ``rows_mask``); nm, sparsity * m of every run of m
-    consecutive weights of a row."""
+    consecutive weights of a row. ``rows``: the scores of a row range of a layer, when a
+    layer's scores go row by row (the global scope then streams pieces of layers,
+    ``ScoreStream``)."""
     if scope == "global":
-        return _prune_global(layers, score, sparsity, selector, comm, show, search)
+        return _prune_global(layers, score, rows, sparsity, selector, comm, show, search)
     targets = targets if targets is not None else allocate.uniform(allocate.entries(layers), sparsity, scope, m).targets
     res = GroupsResult([])
     for layer in progress(layers, f"{scope} prune", "layer", show):
@@ -97,14 +109,17 @@ def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsi
     return res
 
 
-def _prune_global(layers, score, sparsity, selector, comm, show, search) -> GroupsResult:
+def _prune_global(layers, score, rows, sparsity, selector, comm, show, search) -> GroupsResult:
     n = torch.tensor([sum(layer.numel for layer in layers)], dtype=torch.int64)
     comm.all_reduce_sum(n)
     n = int(n)
 
-    # one layer at a time: scoring layers in threads was 16-44% slower on CPU (docs/BENCHMARKS.md)
+    # one layer at a time (scoring whole layers in threads was 16-44% slower on CPU,
+    # docs/BENCHMARKS.md), a row-wise layer in pieces
     stream = ScoreStream([layer.name for layer in layers], lambda i: score(layers[i]), 1,
-                         lambda it, desc: progress(it, desc, "layer", show))
+                         lambda it, desc: progress(it, desc, "layer", show),
+                         rows=None if rows is None else lambda i, a, b: rows(layers[i], a, b),
+                         shapes=[tuple(layer.weight.shape) for layer in layers])
     t0 = time.perf_counter()
     sel = select(selector, stream, target_count(sparsity, n), n, comm, **search)
     t1 = time.perf_counter()
@@ -112,8 +127,9 @@ def _prune_global(layers, score, sparsity, selector, comm, show, search) -> Grou
     # a zero weight scores 0 (scores.py): below a threshold > 0 it is pruned, so counted already
     positive = sel.threshold is not None and float(sel.threshold) > 0
     results = []
-    for layer in progress(layers, "mask", "layer", show):
-        pruned = budget.prune_(layer.weight, score(layer))
+    for i in progress(range(len(layers)), "mask", "layer", show):
+        layer = layers[i]
+        pruned = budget.prune_layer_(layer.weight, stream, i)
         zeros = pruned if positive else int(torch.count_nonzero(layer.weight == 0))
         results.append(LayerResult(layer.name, layer.numel, pruned, zeros, pruned, layer.block, layer.expert))
     seconds = {"score+select": t1 - t0, "mask": time.perf_counter() - t1}

@@ -38,6 +38,7 @@ class Method:
     options: tuple[str, ...] = ()
     scopes: tuple[str, ...] = SCOPES
     allocation: str | None = None  # a method without scores: the method whose scores allocate its sparsity
+    rowwise: bool = False  # score(w[a:b]) == score(w)[a:b]: a row's scores need only that row (and the stats)
 
     @property
     def calibrated(self) -> bool:
@@ -45,8 +46,8 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "magnitude": Method(None, score=lambda w, _st, _cfg: scores.magnitude(w)),
-    "wanda": Method(ChannelSums, score=lambda w, st, _cfg: scores.wanda(w, st.norm())),
+    "magnitude": Method(None, score=lambda w, _st, _cfg: scores.magnitude(w), rowwise=True),
+    "wanda": Method(ChannelSums, score=lambda w, st, _cfg: scores.wanda(w, st.norm()), rowwise=True),
     "ria": Method(ChannelSums, score=lambda w, st, cfg: scores.ria(w, st.norm(), cfg.ria_a), options=("ria_a",)),
     # one mask for the whole model would need a solve of every layer at once; global budgets
     # (prune.allocation=global) give each layer its count instead. Its sparsity is allocated by

@@ -37,7 +37,9 @@ SHAPES = {
     "tinyllama-1.1b": (22, lambda h=2048, i=5632, kv=256: [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]),
     "llama-2-7b": (32, lambda h=4096, i=11008: [(h, h), (h, h), (h, h), (h, h), (i, h), (i, h), (h, i)]),
 }
-METHODS = ("sort", "global_unstructured", "search", "radix")
+METHODS = ("sort", "global_unstructured", "search", "radix", "radix-layers")
+# radix-layers: radix over whole layers' scores, as a GPU runs it and as the CPU did before
+# row-wise scores streamed in pieces (select.ScoreStream); radix: what distprune runs here
 
 
 def make_weights(shapes: str, blocks: int | None, seed: int = 0, device: str = "cpu"):
@@ -86,8 +88,10 @@ def child(args) -> None:
     n = sum(w.numel() for w in weights)
     k = target_count(args.sparsity, n)
     cuda = args.device.startswith("cuda")
-    workers = args.workers  # distprune.masks scores one layer at a time
-    stream = ScoreStream([str(i) for i in range(len(weights))], score, workers)
+    # distprune.masks scores one layer at a time, a row-wise layer in pieces on CPU
+    stream = make_stream(list(range(len(weights))), weights, norms, fn, args.workers,
+                         args.method == "radix" and not cuda and PRUNE_METHODS[args.score].rowwise)
+    method = "radix" if args.method == "radix-layers" else args.method
     times, peaks, passes, masks = [], [], 1, None
     for rep in range(args.repeat):
         if args.method == "global_unstructured":
@@ -106,7 +110,7 @@ def child(args) -> None:
             prune.global_unstructured([(m, "weight") for m in modules], prune.L1Unstructured, amount=k,
                                       importance_scores=importance)
         else:
-            sel = select(args.method, stream, k, n, search_max_iter=args.max_iter)
+            sel = select(method, stream, k, n, search_max_iter=args.max_iter)
             passes = sel.passes
         if cuda:
             torch.cuda.synchronize()
@@ -125,6 +129,16 @@ def child(args) -> None:
             del modules, importance
     print(json.dumps({"times": times, "peak_bytes": peaks[0], "passes": passes, "n": n, "k": k,
                       "copy": copy_floor(weights, args.repeat, cuda)}))
+
+
+def make_stream(mine: list[int], weights, norms, fn, workers: int, pieces: bool) -> ScoreStream:
+    """The scores of layers ``mine``, as distprune streams them: with ``pieces``, row by row
+    in cache-sized pieces."""
+    score = lambda j: fn(weights[mine[j]], norms[mine[j]])
+    if not pieces:
+        return ScoreStream([str(i) for i in mine], score, workers)
+    return ScoreStream([str(i) for i in mine], score, rows=lambda j, a, b: fn(weights[mine[j]][a:b], norms[mine[j]]),
+                       shapes=[tuple(weights[i].shape) for i in mine])
 
 
 def copy_floor(weights: list[torch.Tensor], repeat: int, cuda: bool) -> float:
@@ -158,15 +172,15 @@ def dist_child(args) -> None:
     shards = partition([SimpleNamespace(numel=w.numel(), i=i) for i, w in enumerate(weights)], comm.world_size)
     mine = [layer.i for layer in shards[comm.rank]]
     fn = score_fn(args.score)
-    stream = ScoreStream([str(i) for i in mine], lambda j: fn(weights[mine[j]], norms[mine[j]]),
-                         max(1, min(4, torch.get_num_threads())))
+    stream = make_stream(mine, weights, norms, fn, 1, args.method == "radix" and PRUNE_METHODS[args.score].rowwise)
+    method = "radix" if args.method == "radix-layers" else args.method
     n = sum(w.numel() for w in weights)
     times, sent = [], 0
     for _ in range(args.repeat):
         before = comm.bytes_communicated
         comm.barrier()
         t0 = time.perf_counter()
-        sel = select(args.method, stream, target_count(args.sparsity, n), n, comm, search_max_iter=args.max_iter)
+        sel = select(method, stream, target_count(args.sparsity, n), n, comm, search_max_iter=args.max_iter)
         comm.barrier()
         times.append(time.perf_counter() - t0)
         sent = comm.bytes_communicated - before

@@ -1,4 +1,10 @@
-"""Selectors against a brute-force reference: stable sort of the concatenated scores."""
+"""Selectors against a brute-force reference: stable sort of the concatenated scores.
+Every count and mask is checked twice: with the C kernels (kernels.py) and with torch's
+operators alone (what runs without a C compiler)."""
+
+import shutil
+from contextlib import contextmanager
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -6,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distprune import kernels
 from distprune.select import (
     NonFiniteScoreError,
     ScoreStream,
@@ -16,6 +23,21 @@ from distprune.select import (
     select_search,
     target_count,
 )
+
+COUNTING = ("kernels", "torch")
+
+
+@contextmanager
+def counting(how: str):
+    """Radix histograms and in-place pruning by the C kernels, or by torch alone."""
+    if how == "torch":
+        with mock.patch.object(kernels, "lib", lambda: None):
+            yield
+        return
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here: the kernels cannot be built (torch's path is tested)")
+    assert kernels.lib() is not None, "a C compiler is here but the kernels did not build"
+    yield
 
 
 def reference_masks(layers: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -30,12 +52,24 @@ def reference_masks(layers: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return out
 
 
-def masks_of(selector: str, layers: list[torch.Tensor], k: int, workers: int = 1):
-    stream = ScoreStream.of(layers, workers)
+def masks_of(selector: str, layers: list[torch.Tensor], k: int, workers: int = 1, piece: int | None = None):
+    """The masks a selector's selection gives, by TieBudget.mask; with ``piece``, the scores
+    stream row by row in pieces of about that many scores, and the masks are what
+    TieBudget.prune_layer_ zeroes."""
     n = sum(s.numel() for s in layers)
+    if piece is None:
+        sel = select(selector, ScoreStream.of(layers, workers), k, n)
+        budget = TieBudget(sel)
+        return [budget.mask(s) for s in layers], sel.passes
+    stream = ScoreStream.of(layers)
+    stream = ScoreStream(stream.names, stream.score, rows=lambda i, a, b: layers[i][a:b],
+                         shapes=[s.shape for s in layers], piece=piece)
     sel = select(selector, stream, k, n)
-    budget = TieBudget(sel)
-    return [budget.mask(s) for s in layers], sel.passes
+    budget, weights = TieBudget(sel), [torch.ones_like(s) for s in layers]
+    pruned = [budget.prune_layer_(w, stream, i) for i, w in enumerate(weights)]
+    masks = [w == 0 for w in weights]
+    assert pruned == [int(m.sum()) for m in masks]
+    return masks, sel.passes
 
 
 def make_scores(kind: str, shapes, dtype, seed: int) -> list[torch.Tensor]:
@@ -78,22 +112,27 @@ def test_radix_and_sort_match_reference(kind, dtype, shapes, frac, seed):
     n = sum(s.numel() for s in layers)
     k = min(int(frac * (n + 1)), n)  # every k in [0, n]
     ref = reference_masks(layers, k)
-    for selector, workers in (("radix", 1), ("radix", 3), ("sort", 2)):
-        got, _ = masks_of(selector, layers, k, workers)
-        for r, m in zip(ref, got, strict=True):
-            assert torch.equal(r, m), (selector, workers, kind, dtype, k)
+    for how in COUNTING:
+        with counting(how):
+            for selector, workers, piece in (("radix", 1, None), ("radix", 3, None), ("sort", 2, None),
+                                             ("radix", 1, 25)):
+                got, _ = masks_of(selector, layers, k, workers, piece)
+                for r, m in zip(ref, got, strict=True):
+                    assert torch.equal(r, m), (how, selector, workers, piece, kind, dtype, k)
     assert sum(int(m.sum()) for m in got) == k
 
 
+@pytest.mark.parametrize("how", COUNTING)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k_of", [lambda n: 0, lambda n: 1, lambda n: n // 2, lambda n: n - 1, lambda n: n])
-def test_edge_k(kind, k_of):
+def test_edge_k(kind, k_of, how):
     layers = make_scores(kind, [(7, 13), (1, 1), (5, 3)], torch.float32, 3)
     n = sum(s.numel() for s in layers)
     k = k_of(n)
     ref = reference_masks(layers, k)
-    for selector in ("radix", "sort"):
-        got, _ = masks_of(selector, layers, k)
+    for selector, piece in (("radix", None), ("sort", None), ("radix", 20)):
+        with counting(how):
+            got, _ = masks_of(selector, layers, k, piece=piece)
         assert all(torch.equal(r, m) for r, m in zip(ref, got, strict=True))
 
 
@@ -128,14 +167,25 @@ def test_search_stops_at_max_iter():
         assert sel.passes == 1 + max_iter
 
 
+@pytest.mark.parametrize("how", COUNTING)
 @pytest.mark.parametrize("selector", ["radix", "sort", "search"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nonfinite_names_layer(selector, bad, dtype):
+def test_nonfinite_names_layer(selector, bad, dtype, how):
     layers = make_scores("normal", [(4, 4)] * 3, dtype, 0)
     layers[1][2, 3] = bad
-    with pytest.raises(NonFiniteScoreError, match="layer1"):
+    with counting(how), pytest.raises(NonFiniteScoreError, match="layer1"):
         masks_of(selector, layers, 10)
+
+
+@pytest.mark.parametrize("how", COUNTING)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("piece", [None, 8])
+def test_negative_scores_name_layer(dtype, how, piece):
+    layers = make_scores("normal", [(4, 4)] * 3, dtype, 0)
+    layers[2][1, 1] = -0.5
+    with counting(how), pytest.raises(ValueError, match="negative importance scores in layer layer2"):
+        masks_of("radix", layers, 10, piece=piece)
 
 
 @settings(max_examples=100, deadline=None)
@@ -175,11 +225,12 @@ def test_rows_mask_spreads_a_layer_total_over_rows(rows, cols, seed, data):
         assert torch.equal(mask[i], row_mask(s[i:i + 1], int(per_row[i]))[0])
 
 
+@pytest.mark.parametrize("how", COUNTING)
 @pytest.mark.parametrize("quota", [0, 5, 10**6])
 @pytest.mark.parametrize(("score_dtype", "weight_dtype"), [
     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
     (torch.float32, torch.float32)])
-def test_prune_in_place_equals_the_mask(quota, score_dtype, weight_dtype):
+def test_prune_in_place_equals_the_mask(quota, score_dtype, weight_dtype, how):
     """TieBudget.prune_ (bit arithmetic) zeroes exactly what mask + masked_fill_ zero, with
     +0.0, layer after layer while the tie quota runs out (one layer splits its ties), on
     contiguous and transposed (Conv1D) weights."""
@@ -198,7 +249,8 @@ def test_prune_in_place_equals_the_mask(quota, score_dtype, weight_dtype):
             mask = by_mask.mask(s)
             ref = w.clone().masked_fill_(mask, 0.0)
             got = w.t().contiguous().t() if transposed else w.clone()
-            assert in_place.prune_(got, s) == int(mask.sum())
+            with counting(how):
+                assert in_place.prune_(got, s) == int(mask.sum())
             assert torch.equal(got.contiguous().view(ints), ref.view(ints))  # bit patterns: +0.0
             assert in_place.remaining == by_mask.remaining
 
@@ -216,3 +268,36 @@ def test_a_zero_weight_scores_zero(method):
     st = LayerStats.from_norms(torch.rand(16) + 0.5)
     s = METHODS[method].score(w, st, PruneConfig(method=method))
     assert bool((s[w == 0] == 0).all()) and bool((s[w != 0] > 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_split_over_threads(dtype, monkeypatch):
+    """A piece cut into one span per torch thread (3 here, spans of uneven length) counts and
+    prunes what one loop over it does: the histograms, ties and pruned weights."""
+    with counting("kernels"):
+        monkeypatch.setattr(kernels, "SPAN", 1000)
+        before = torch.get_num_threads()
+        torch.set_num_threads(3)
+        try:
+            s = make_scores("ties", [(37, 301)], dtype, 5)[0] if dtype != torch.float32 else \
+                make_scores("lognormal", [(37, 301)], dtype, 5)[0]
+            assert len(kernels._spans(s.numel())) == 3
+            bits = s.reshape(-1).view(torch.int32 if dtype == torch.float32 else torch.int16)
+            high = bits >> 16 if dtype == torch.float32 else bits
+            hist = torch.zeros(1 << 16, dtype=torch.int64)
+            kernels.merge(kernels.count_high(s), hist)
+            assert torch.equal(hist, torch.bincount(high.long(), minlength=1 << 16))
+            t = int(bits.kthvalue(bits.numel() // 2).values)
+            assert kernels.count_equal(s, t) == int((bits == t).sum())
+            if dtype == torch.float32:
+                hi = t >> 16
+                inside = bits[(bits >> 16) == hi] & 0xFFFF
+                hist.zero_()
+                kernels.merge(kernels.count_low(s, hi), hist)
+                assert torch.equal(hist, torch.bincount(inside.long(), minlength=1 << 16))
+            for ties in (False, True):
+                w = torch.ones_like(s)
+                assert kernels.prune_(w, s, t, ties) == int((bits < t).sum() + ties * (bits == t).sum())
+                assert torch.equal((w == 0).reshape(-1), (bits < t) | (ties & (bits == t)))
+        finally:
+            torch.set_num_threads(before)
