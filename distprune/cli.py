@@ -82,6 +82,12 @@ def streams(cfg: Config) -> bool:
     return cfg.model.stream and not (cfg.prune.spec.calibrated and cfg.calib.source == "self")
 
 
+def forward_passes(cfg: Config) -> bool:
+    """Whether the job runs the model (calibration, evaluation): a streamed load then gives
+    rank 0 the tensors outside the decoder blocks to read and send (``load_model``)."""
+    return cfg.prune.spec.calibrated or bool(cfg.eval.source)
+
+
 def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[models.LoadedModel, dict]:
     """The model, and how it was loaded. A local safetensors checkpoint is streamed: each
     rank reads its own layers now (and, when it runs forward passes, the tensors outside
@@ -89,14 +95,14 @@ def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[mod
     (stream.py). Anything else (a random config, GGUF, a hub id, model.stream=false, a
     layout that from_pretrained converts) loads in full on every rank. A sweep reuses the
     model of its previous job with the dense weights restored."""
-    forward = cfg.prune.spec.calibrated or bool(cfg.eval.source)
+    forward = forward_passes(cfg)
 
     def load() -> tuple[models.LoadedModel, dict]:
         if streams(cfg):
             shards: list[set[str]] = []  # each rank's layers
 
             def wanted(model) -> set[str]:  # the tensors outside the blocks: rank 0 reads them, sends them below
-                shards.extend(models.shard_keys(model, cfg.prune.include, cfg.prune.exclude, comm.world_size))
+                shards.extend(models.shard_keys(model, cfg.prune.include, cfg.prune.exclude, comm.world_size, forward))
                 keys = shards[comm.rank]
                 return keys | models.outside_keys(model) if forward and comm.is_main else keys
 
@@ -237,7 +243,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         traffic_mark = loaded.stream.traffic()
         coverage = models.Coverage()
         layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude, coverage)
-        parts = models.partition(layers, comm.world_size)
+        parts = models.rank_parts(loaded.model, layers, comm.world_size, loaded.stream.streamed and forward_passes(cfg))
         models.check_context(loaded.model, windows_used(cfg))
         if how["mode"] != "reused":  # a reused model is restored from weights checked before
             models.check_finite(loaded.model)

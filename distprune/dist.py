@@ -29,6 +29,7 @@ class Comm:
         self.world_size = self._dist.get_world_size() if self._dist else 1
         self.bytes_communicated = 0  # payload bytes this rank sent into collectives
         self._waiting = None  # on_main's group, made on first use
+        self._group = None  # the process group of these collectives (None: the default one)
 
     @property
     def is_main(self) -> bool:
@@ -57,7 +58,7 @@ class Comm:
         if self._dist:
             self._count(t)
             wire = self._on_wire(t)
-            self._dist.all_reduce(wire, op=getattr(self._dist.ReduceOp, op))
+            self._dist.all_reduce(wire, op=getattr(self._dist.ReduceOp, op), group=self._group)
             if wire is not t:
                 t.copy_(wire)
         return t
@@ -68,7 +69,7 @@ class Comm:
         if self._dist:
             self._count(t)
             wire = self._on_wire(t)
-            self._dist.reduce(wire, dst=dst, op=self._dist.ReduceOp.SUM)
+            self._dist.reduce(wire, dst=dst, op=self._dist.ReduceOp.SUM, group=self._group)
             if wire is not t and self.rank == dst:
                 t.copy_(wire)
         return t
@@ -96,7 +97,7 @@ class Comm:
         padded = self._on_wire(padded)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         self._count(padded)
-        self._dist.all_gather(parts, padded)
+        self._dist.all_gather(parts, padded, group=self._group)
         return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(t.device)
 
     def all_gather_objects(self, obj) -> list:
@@ -104,7 +105,7 @@ class Comm:
         if not self._dist:
             return [obj]
         out = [None] * self.world_size
-        self._dist.all_gather_object(out, obj)
+        self._dist.all_gather_object(out, obj, group=self._group)
         return out
 
     def broadcast_(self, t: torch.Tensor, src: int) -> torch.Tensor:
@@ -113,7 +114,7 @@ class Comm:
             if self.rank == src:
                 self._count(t)
             wire = self._on_wire(t)
-            self._dist.broadcast(wire, src=src)
+            self._dist.broadcast(wire, src=src, group=self._group)
             if wire is not t:
                 t.copy_(wire)
         return t
@@ -125,7 +126,7 @@ class Comm:
         if self._dist:
             raw = t.reshape(-1).view(torch.uint8)
             wire = self._on_wire(raw)
-            self._dist.broadcast(wire, src=src)
+            self._dist.broadcast(wire, src=src, group=self._group)
             if wire is not raw:
                 raw.copy_(wire)
         return t
@@ -139,7 +140,20 @@ class Comm:
 
     def barrier(self) -> None:
         if self._dist:
-            self._dist.barrier()
+            self._dist.barrier(group=self._group)
+
+    def side(self) -> Comm | None:
+        """Collectives over a second process group of the same ranks, which may run in
+        another thread at the same time as this one's (a block's transfer beside the
+        computation of the block before it); None with one process or on NCCL (two NCCL
+        communicators busy at once can wait for each other on the GPU). Every rank calls it
+        at the same point."""
+        if not self._dist or self._dist.get_backend() != "gloo":
+            return None
+        other = Comm()
+        other._dist, other.rank, other.world_size = self._dist, self.rank, self.world_size
+        other._group = self._dist.new_group(backend="gloo")
+        return other
 
     def on_main(self, fn, timeout_s: float = 7 * 24 * 3600.0):
         """fn() on rank 0 only, and its (picklable) result on every rank. The other ranks

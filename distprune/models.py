@@ -375,9 +375,21 @@ def blocks_prefix(model: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is blocks)
 
 
-def shard_keys(model: nn.Module, include, exclude, world_size: int) -> list[set[str]]:
-    """State-dict names of the weights of each rank's layers, in rank order."""
-    return [{layer.key for layer in part} for part in partition(prunable_layers(model, include, exclude), world_size)]
+def shard_keys(model: nn.Module, include, exclude, world_size: int, outside: bool) -> list[set[str]]:
+    """State-dict names of the weights of each rank's layers, in rank order (``rank_parts``)."""
+    layers = prunable_layers(model, include, exclude)
+    return [{layer.key for layer in part} for part in rank_parts(model, layers, world_size, outside)]
+
+
+def rank_parts(model: nn.Module, layers: list[PrunableLayer], world_size: int,
+               outside: bool) -> list[list[PrunableLayer]]:
+    """Each rank's layers (``partition``). ``outside``: rank 0 reads the parameters outside
+    the decoder blocks (embeddings, final norm, head) at load and sends them to the others
+    (a job with forward passes, cli.load_model), so it is credited with them and gets that
+    many fewer layer weights: every rank then reads about 1/N of the checkpoint."""
+    prefix = blocks_prefix(model)
+    lead = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(f"{prefix}.")) if outside else 0
+    return partition(layers, world_size, lead if world_size > 1 else 0)
 
 
 def writer_parts(parts: list[list[PrunableLayer]]) -> list[list[str]]:
@@ -472,17 +484,18 @@ def describe(model: nn.Module, layers: list[PrunableLayer]) -> str:
             f"{len(layers)} prunable layers ({prunable / 1e6:.1f}M weights), {next(model.parameters()).dtype}")
 
 
-def partition(layers: list[PrunableLayer], world_size: int) -> list[list[PrunableLayer]]:
+def partition(layers: list[PrunableLayer], world_size: int, lead: int = 0) -> list[list[PrunableLayer]]:
     """Contiguous groups of layers balanced by parameter count, one per rank: a layer goes
     to the rank whose equal share of the running total holds the layer's midpoint, moved
-    by at most one rank per layer so that no rank is left without a layer. Deterministic;
-    rank order is layer order."""
+    by at most one rank per layer so that no rank is left without a layer. ``lead``:
+    parameters rank 0 holds besides its layers, counted before the first layer.
+    Deterministic; rank order is layer order."""
     count = len(layers)
     if world_size > count:
         raise ConfigError(f"{world_size} ranks but only {count} prunable layers: use fewer ranks")
-    total = sum(layer.numel for layer in layers)
+    total = lead + sum(layer.numel for layer in layers)
     parts: list[list[PrunableLayer]] = [[] for _ in range(world_size)]
-    seen, prev = 0, -1
+    seen, prev = lead, -1
     for i, layer in enumerate(layers):
         want = int((seen + layer.numel / 2) * world_size / total)
         rank = min(max(want, prev, world_size - (count - i)), prev + 1)

@@ -236,6 +236,8 @@ def collect(model: nn.Module, layers: list[PrunableLayer], windows: torch.Tensor
             break
         # a pass that prunes or solves as it goes (on_block) needs the whole block in memory
         blocks_from.load_block(i, experts=on_block is not None)
+        if on_block is None and i < last:  # nothing changes block i + 1 before it runs: move it meanwhile
+            blocks_from.prefetch(i + 1)
         home = next(p.device for p in block.parameters() if not p.is_meta)
         move(block, device)
         mine = by_block.get(i, [])

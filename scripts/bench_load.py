@@ -34,7 +34,7 @@ def child(args) -> None:
         loaded = models.load(cfg)
         nbytes = sum(t.numel() * t.element_size() for t in writer.unique_state_dict(loaded.model).values())
     else:
-        loaded, nbytes = models.load_streamed(cfg, lambda m: models.shard_keys(m, [], [], args.ws)[args.rank]
+        loaded, nbytes = models.load_streamed(cfg, lambda m: models.shard_keys(m, [], [], args.ws, False)[args.rank]
                                               | models.outside_keys(m))
     for t in loaded.model.state_dict().values():  # page in what was loaded, as pruning or saving would
         if not t.is_meta:

@@ -60,13 +60,14 @@ def why(p: subprocess.CompletedProcess) -> str:
 def jobs(root: Path, named: dict[str, Sequence[str]]) -> list[str]:
     """Hydra arguments that run ``named`` (job name -> its key=value settings) as one sweep,
     one launch for jobs that no single grid holds (different keys, models or presets): each
-    job becomes an option of a config group ``job`` in a search-path folder under root, and
-    writes to output_dir ROOT/NAME. They begin with -m: put them before other settings. A
+    job becomes an option of a config group ``job`` in a search-path folder beside root
+    (ROOT-jobs: a launch run again removes root first, ``run``), and writes to output_dir
+    ROOT/NAME. They begin with -m: put them before other settings. A
     launch costs seconds of start-up (interpreter, torch, torchrun); a job of a tiny model,
     a fraction of that."""
     from omegaconf import OmegaConf
 
-    folder = root / "job-configs"
+    folder = root.with_name(f"{root.name}-jobs")
     (folder / "job").mkdir(parents=True, exist_ok=True)
     for name, settings in named.items():
         if "/" in name or "," in name:

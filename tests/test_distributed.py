@@ -125,6 +125,14 @@ def test_partition_contiguous_and_balanced():
         assert [x for p in parts for x in p] == layers and all(parts)
         sizes = [sum(x.numel for x in p) for p in parts]
         assert max(sizes) - min(sizes) <= 48 + 16  # within about one layer of equal
+        if ranks not in (2, 3, 4):
+            continue
+        # rank 0 credited with what it holds besides its layers (the embeddings and head it reads)
+        lead = 150
+        parts = partition(layers, ranks, lead)
+        assert [x for p in parts for x in p] == layers and all(parts)
+        sizes = [sum(x.numel for x in p) + lead * (r == 0) for r, p in enumerate(parts)]
+        assert max(sizes) - min(sizes) <= 48 + 16
 
 
 def test_bad_input_on_one_rank_ends_all(tmp_path):

@@ -312,7 +312,7 @@ def test_a_streamed_checkpoint_in_per_expert_layout_reads_what_from_pretrained_l
     load(family(name)).model.save_pretrained(tmp_path)
     full = AutoModelForCausalLM.from_pretrained(tmp_path)
     cfg = ModelConfig(name="x", path=str(tmp_path))
-    loaded, nbytes = load_streamed(cfg, lambda model: shard_keys(model, (), (), 2)[0])
+    loaded, nbytes = load_streamed(cfg, lambda model: shard_keys(model, (), (), 2, False)[0])
     assert loaded.stream.streamed and loaded.stream.converted == (name != "gpt_oss")
     assert nbytes < sum(p.numel() * p.element_size() for p in full.parameters())  # rank 0 of 2: its share
     model = loaded.model
