@@ -115,16 +115,16 @@ PRUNE(prune_w32_s32, int32_t, int32_t)
 
 @cache
 def lib() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (no C compiler, or DISTPRUNE_KERNELS=0)."""
+    """The compiled kernels, or None (no C compiler, a failed compile, or DISTPRUNE_KERNELS=0)."""
     if os.environ.get("DISTPRUNE_KERNELS", "1") == "0":
         return None
     try:
-        path = _build()
-    except (OSError, subprocess.CalledProcessError) as e:
-        log.warning("no C compiler for the histogram kernels (%s): radix passes count with torch.bincount, "
-                    "about 2x slower on CPU", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        so = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as e:  # no compiler, a failed compile, a file it cannot load
+        why = (getattr(e, "stderr", None) or str(e) or type(e).__name__).strip().splitlines()[0]
+        log.warning("C kernels not built (%s): selection passes count with torch's operators, about 2x slower on "
+                    "CPU", why)
         return None
-    so = ctypes.CDLL(str(path))
     p, n = ctypes.c_void_p, ctypes.c_int64
     for name, args in (("count_i16", [p, n, p]), ("count_high", [p, n, p]), ("count_low", [p, n, ctypes.c_int32, p]),
                        ("merge", [p, n, p])):

@@ -301,3 +301,17 @@ def test_kernels_split_over_threads(dtype, monkeypatch):
                 assert torch.equal((w == 0).reshape(-1), (bits < t) | (ties & (bits == t)))
         finally:
             torch.set_num_threads(before)
+
+
+def test_without_a_compiler_the_kernels_are_off_with_a_warning(monkeypatch, tmp_path, caplog):
+    """No C compiler: one warning, and torch's operators count (the tests above, "torch")."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("DISTPRUNE_CACHE", str(tmp_path))
+    kernels.lib.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="distprune"):
+            assert kernels.lib() is None
+        assert "C kernels not built" in caplog.text and "no-such-cc" in caplog.text
+    finally:
+        monkeypatch.undo()
+        kernels.lib.cache_clear()
