@@ -196,16 +196,23 @@ def _ptr(t: torch.Tensor, offset: int) -> int:
     return t.data_ptr() + offset * t.element_size()
 
 
+SCORES = (torch.float32, torch.bfloat16, torch.float16)  # what the counting loops read
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    """Kernels compiled, and every tensor contiguous on CPU (a C loop reads it flat)."""
+    return lib() is not None and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
 def count_high(s: torch.Tensor) -> torch.Tensor | None:
     """The counts of the top 16 bits (as unsigned) of every score, for contiguous CPU
     scores (float32, or the whole pattern of bfloat16 / float16), as pairs of uint32
     tables (one pair per thread; ``merge`` adds them into a histogram): a negative score
     counts in the upper half of the bins. They are the calling thread's, valid until its
     next call. None where the kernels do not apply (select.py counts then)."""
-    so = lib()
-    if so is None or s.device.type != "cpu" or not s.is_contiguous():
+    if s.dtype not in SCORES or not _usable(s):
         return None
-    fn = so.count_high if s.element_size() == 4 else so.count_i16
+    fn = lib().count_high if s.element_size() == 4 else lib().count_i16
     spans = _spans(s.numel())
     sub = _scratch(len(spans))[:len(spans)]
     _split(spans, lambda j, a, b: fn(_ptr(s, a), b - a, sub[j].data_ptr()))
@@ -215,12 +222,11 @@ def count_high(s: torch.Tensor) -> torch.Tensor | None:
 def count_low(s: torch.Tensor, hi: int) -> torch.Tensor | None:
     """As ``count_high``, the counts of the low 16 bits of the float32 scores whose top 16
     bits are ``hi``."""
-    so = lib()
-    if so is None or s.device.type != "cpu" or not s.is_contiguous():
+    if s.dtype != torch.float32 or not _usable(s):
         return None
     spans = _spans(s.numel())
     sub = _scratch(len(spans))[:len(spans)]
-    _split(spans, lambda j, a, b: so.count_low(_ptr(s, a), b - a, hi, sub[j].data_ptr()))
+    _split(spans, lambda j, a, b: lib().count_low(_ptr(s, a), b - a, hi, sub[j].data_ptr()))
     return sub
 
 
@@ -233,8 +239,7 @@ def fits(w: torch.Tensor | None, s: torch.Tensor) -> bool:
     """Whether ``count_equal`` and ``prune_`` apply: kernels compiled; scores (and the weight,
     no wider than them, one per score) contiguous on CPU, 16 or 32 bits wide."""
     tensors = (s,) if w is None else (w, s)
-    return lib() is not None and all(t.device.type == "cpu" and t.is_contiguous() and t.element_size() in (2, 4)
-                                     for t in tensors) \
+    return _usable(*tensors) and all(t.element_size() in (2, 4) for t in tensors) \
         and (w is None or (w.numel() == s.numel() and w.element_size() <= s.element_size()))
 
 

@@ -139,8 +139,19 @@ def target_count(sparsity: float, n: int) -> int:
     return round(sparsity * n)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf. Float32 and 16-bit floats by their bit patterns:
+    the largest exponent field with the sign cleared (isfinite of bfloat16 is about 30x
+    slower on CPU)."""
+    if t.dtype not in _NONFINITE_FROM or t.numel() == 0:
+        return bool(torch.isfinite(t).all())
+    ints = _INT_OF[t.dtype]
+    sign_off = torch.iinfo(ints).max  # 0x7FFF, 0x7FFFFFFF
+    return int(torch.bitwise_and(t.reshape(-1).view(ints), sign_off).max()) < _NONFINITE_FROM[t.dtype]
+
+
 def check_finite(name: str, scores: torch.Tensor) -> None:
-    if not bool(torch.isfinite(scores).all()):
+    if not all_finite(scores):
         raise NonFiniteScoreError(f"non-finite (NaN or Inf) importance scores in layer {name}")
 
 

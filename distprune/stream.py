@@ -26,6 +26,7 @@ from torch import nn
 
 from distprune import moe
 from distprune.errors import ConfigError
+from distprune.select import all_finite
 from distprune.writer import Piece, tie_groups
 
 log = logging.getLogger(__name__)
@@ -258,10 +259,9 @@ class Streamed:
                 self._materialize(group)
         if i not in self._checked:  # each block once: its non-resident tensors are read again later
             self._checked.add(i)
-            rank = self.comm.rank if self.comm else 0
             for group in self.block_groups[i]:  # what this rank read from disk: the resident tensors were
                 # checked at load, a received one by its sender, an expert left on disk as it is read
-                from_disk = group[0] not in self.resident and self.source.get(group[0], rank) == rank
+                from_disk = group[0] not in self.resident and not self._received(group)
                 if from_disk and not getattr(*self.slots[group[0]]).is_meta:
                     check_finite(group[0], getattr(*self.slots[group[0]]))
 
@@ -280,6 +280,10 @@ class Streamed:
         comm.broadcast_bytes_(t, src)
         self._put(group, t, isinstance(ref, nn.Parameter))
         return t.numel() * t.element_size()
+
+    def _received(self, group: list[str]) -> bool:
+        """Whether block loads bring this group from another rank (``share``)."""
+        return self.comm is not None and self.source.get(group[0], self.comm.rank) != self.comm.rank
 
     def _is_experts(self, name: str) -> bool:
         module, attr = self.slots[name]
@@ -310,8 +314,7 @@ class Streamed:
         for group in self.block_groups[i]:
             if group[0] not in self.resident:
                 ref = getattr(*self.slots[group[0]])
-                received = self.comm is not None and self.source.get(group[0], self.comm.rank) != self.comm.rank
-                if received and ref.device.type == "cpu":  # kept for the next block's
+                if self._received(group) and ref.device.type == "cpu":  # kept for the next block's
                     self._spare.setdefault((tuple(ref.shape), ref.dtype), []).append(ref.data)
                 self._put(group, torch.empty_like(ref, device="meta"), isinstance(ref, nn.Parameter))
 
@@ -371,19 +374,6 @@ def _in_thread(fn: Callable[..., int], *args) -> Callable[[], int]:
 
 
 CHECK_CHUNK = 1 << 24  # elements per finiteness check: its temporaries stay at a few tens of MB
-# per float dtype: its bits as an integer, and the first |bits| (sign cleared) that is Inf or NaN
-_NONFINITE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.int16, 0x7FFF, 0x7C00),
-                   torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000)}
-
-
-def _finite(part: torch.Tensor) -> bool:
-    """Whether a flat tensor holds no NaN or Inf: the largest exponent field, from the bit
-    patterns (isfinite of bfloat16 is about 30x slower on CPU)."""
-    if part.dtype not in _NONFINITE_BITS or part.numel() == 0:
-        return bool(torch.isfinite(part).all())
-    ints, sign_off, first = _NONFINITE_BITS[part.dtype]
-    return int(torch.bitwise_and(part.view(ints), sign_off).max()) < first
-
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Refuse a tensor with NaN or Inf, checked in chunks: isfinite of a whole fused experts
@@ -391,7 +381,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point():
         return
     flat = t.reshape(-1)
-    if not all(_finite(part) for part in flat.split(CHECK_CHUNK)):
+    if not all(all_finite(part) for part in flat.split(CHECK_CHUNK)):
         bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(CHECK_CHUNK))
         raise ConfigError(f"model tensor {name} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or Inf): "
                           "the checkpoint is damaged")
