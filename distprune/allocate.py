@@ -115,7 +115,7 @@ def _per_layer(layers: list[Entry], own: list[PrunableLayer], value: Callable[[P
     """value(layer) of every layer of the model on every rank: each rank fills its own
     layers' entries of a zero vector and the vectors are summed (x + 0 is exact)."""
     index = {e.name: i for i, e in enumerate(layers)}
-    out = torch.zeros(len(layers), dtype=dtype)
+    out = torch.zeros(len(layers), dtype=dtype, device="cpu")
     for layer in own:
         out[index[layer.name]] = value(layer)
     return comm.all_reduce_sum(out).tolist()

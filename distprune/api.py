@@ -274,8 +274,9 @@ def _dense_statistics(model, statistic, layers, windows, device, batch_size, cac
     rank has them there: (statistics, cache hit/miss/off, seconds)."""
     t0 = time.perf_counter()
     cacheable = cache_file is not None and statistic.cacheable
-    cached = stats.load(cache_file, [layer.name for layer in layers]) if cacheable else None
-    everywhere = comm.all_reduce_min(torch.tensor([int(cached is not None)]))  # every rank must hit
+    cached = (stats.load(cache_file, {layer.name: layer.weight.shape[1] for layer in layers}, cache_fields or {})
+              if cacheable else None)
+    everywhere = comm.all_reduce_min(torch.tensor([int(cached is not None)], device="cpu"))  # every rank must hit
     found = cached if int(everywhere) else None
     if found is None:
         acc = statistic(layers, comm)

@@ -3,6 +3,7 @@ beside it, and renamed into place only when complete."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -21,9 +22,12 @@ log = logging.getLogger("distprune")
 REPORT = "distprune_report.json"
 
 
-def check_output(output_dir: str, overwrite: bool, input_dir: Path | None) -> Path:
-    """Refuse an output_dir that is a file, is non-empty (unless overwrite), or would
-    replace the input model."""
+def check_output(output_dir: str, overwrite: bool, input_dir: Path | None, needs: int | None = None) -> Path:
+    """Refuse, before any work, an output_dir that is a file, is non-empty (unless
+    overwrite), would replace the input model, is a mount point (the publishing rename
+    cannot replace it), lies where this process cannot write (a read-only file system,
+    /proc: a probe file), or on a file system without room for ``needs`` bytes. A publish
+    that a crash interrupted between its two renames is repaired first (``repair``)."""
     out = Path(output_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={output_dir!r} is a file, not a directory")
@@ -33,13 +37,26 @@ def check_output(output_dir: str, overwrite: bool, input_dir: Path | None) -> Pa
             raise ConfigError(f"output_dir={output_dir!r} would replace the input model {str(inp)!r}")
         if inp in out.parents:
             raise ConfigError(f"output_dir={output_dir!r} lies inside the input model's directory {str(inp)!r}")
+    repair(out)
+    if out.is_dir() and os.path.ismount(out):
+        raise ConfigError(f"output_dir={output_dir!r} is a mount point: distprune writes beside it and renames the "
+                          f"result into place, which a mount point refuses; pass a directory inside it "
+                          f"(output_dir={str(out / 'pruned')!r})")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir={output_dir!r} is not empty; pass overwrite=true to replace it")
-    for parent in out.parents:  # the nearest existing ancestor must be a directory
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"output_dir={output_dir!r} lies under a file: {str(parent)!r}")
-            break
+    parent = next(p for p in out.parents if p.exists())  # where the temporary directory goes (or its parents)
+    if not parent.is_dir():
+        raise ConfigError(f"output_dir={output_dir!r} lies under a file: {str(parent)!r}")
+    probe = parent / f".distprune-probe-{owner_token()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir={output_dir!r}: cannot write in {str(parent)!r} ({e.strerror})") from e
+    free = shutil.disk_usage(parent).free
+    if needs is not None and needs > free:
+        raise ConfigError(f"output_dir={output_dir!r}: the checkpoint needs about {needs / 1e9:.2f} GB and "
+                          f"{str(parent)!r} has {free / 1e9:.2f} GB free")
     return out
 
 
@@ -66,16 +83,36 @@ def _owner_alive(token: str) -> bool:
     return True
 
 
+def _dead_owner(p: Path, out: Path, kind: str) -> bool:
+    return p.is_dir() and not _owner_alive(p.name.removeprefix(f".{out.name}.{kind}-"))
+
+
+def repair(out: Path) -> Path | None:
+    """A publish with overwrite renames the old output away (``.<name>.old-<owner>``) and the
+    new one into place: when a crash came between the two (output_dir missing, the owner
+    gone), the old result is renamed back, never deleted. Returns what was restored."""
+    if out.exists() or not out.parent.is_dir():
+        return None
+    for p in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if _dead_owner(p, out, "old"):
+            with contextlib.suppress(OSError):  # another rank of the same job got there first
+                p.rename(out)
+                log.warning("restored %s from %s, left by a run that was killed while publishing", out, p.name)
+                return p
+    return None
+
+
 def remove_stale(out: Path) -> list[Path]:
     """Remove the temporary directories beside out that a run killed before it could clean
-    up left behind (their owner process on this host is gone); returns them."""
+    up left behind (their owner process on this host is gone); returns them. An old output
+    is removed only once output_dir holds a complete one (``repair``)."""
     removed = []
     if not out.parent.is_dir():
         return removed
+    repair(out)
     for kind in ("tmp", "old"):
         for p in out.parent.glob(f".{out.name}.{kind}-*"):
-            token = p.name.removeprefix(f".{out.name}.{kind}-")
-            if p.is_dir() and not _owner_alive(token):
+            if _dead_owner(p, out, kind) and (kind == "tmp" or out.exists()):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distprune import checkpoint, data, dist, models, stats, summarize, sweep, writer, zeroshot
+from distprune import cache, checkpoint, data, dist, models, stats, summarize, sweep, writer, zeroshot
 from distprune.api import PruneResult, calibrate_and_prune, prune
 from distprune.config import Config, ConfigError, ModelConfig, register_configs
 from distprune.dist import SINGLE, Comm
@@ -33,8 +35,14 @@ EMPTIED = 0.95  # a layer pruned past this fraction gets a warning that names it
 ALLOCATION_PNG = "allocation.png"  # a job whose layers lose different fractions: target sparsity per layer
 
 
+STAGE = ["starting"]  # what run() is doing, for an out-of-memory message
+STAGES = {"load": "loading the model", "eval_dense": "evaluating the dense model", "eval": "evaluating the pruned "
+          "model", "calib_windows": "making the calibration windows", "save": "writing the checkpoint"}
+
+
 @contextmanager
 def phase(seconds: dict, name: str):
+    STAGE[0] = STAGES.get(name, name)
     t0 = time.perf_counter()
     yield
     seconds[name] = round(time.perf_counter() - t0, 4)
@@ -65,8 +73,27 @@ def calibration_source_fields(cfg: Config) -> dict:
 
 def eval_windows(cfg: Config, tokenizer) -> torch.Tensor:
     text = data.read_text(cfg.eval.source, "eval.source", "eval")
-    return data.sequential_windows(data.tokenize(tokenizer, text), cfg.eval.seqlen, cfg.eval.max_windows,
-                                   f"eval.source={cfg.eval.source!r}")
+    return data.sequential_windows(data.tokenize(tokenizer, text, "eval.source"), cfg.eval.seqlen,
+                                   cfg.eval.max_windows, f"eval.source={cfg.eval.source!r}")
+
+
+def text_windows(cfg: Config, seconds: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(calibration windows, evaluation windows) of the job's text sources, made before any
+    weight loads, with the tokenizer loaded on its own: a model without a tokenizer, or a
+    text too short for the windows asked, stops the job before its work. None where the
+    job reads no text (calib=self and calib.source=random need the model)."""
+    calib_text = cfg.prune.spec.calibrated and cfg.calib.source not in ("self", "random")
+    if not (calib_text or cfg.eval.source or cfg.eval.tasks):
+        return None, None
+    tokenizer = models.load_tokenizer(cfg.model)
+    if cfg.eval.tasks and tokenizer is None:
+        raise ConfigError("eval.tasks needs a tokenizer; this model has none")
+    calib = None
+    if calib_text:
+        with phase(seconds, "calib_windows"):
+            calib = data.calibration_windows(cfg.calib.source, None, tokenizer, cfg.calib.nsamples, cfg.calib.seqlen,
+                                             cfg.calib.seed)
+    return calib, eval_windows(cfg, tokenizer) if cfg.eval.source else None
 
 
 def evaluate_ppl(cfg: Config, loaded: models.LoadedModel, windows: torch.Tensor, device: str, comm: Comm = SINGLE,
@@ -121,40 +148,40 @@ def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[mod
     return load()
 
 
-def sampled_windows_file(cfg: Config, device: str) -> Path:
-    """Where calib=self keeps the windows it sampled, keyed like the statistics: the model,
-    the sampling settings and the device type (its arithmetic picks the tokens)."""
+def sampled_windows_file(cfg: Config, device: str) -> tuple[Path, dict]:
+    """Where calib=self keeps the windows it sampled, and what they were made for: keyed
+    like the statistics, by the model, the sampling settings and the device type (its
+    arithmetic picks the tokens)."""
     fields = {"model": models.fingerprint(cfg.model), "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
               "seed": cfg.calib.seed, "device": torch.device(device).type, "sampler": data.SAMPLER_VERSION}
-    return models.cache_dir() / "windows" / f"{stats.cache_key(fields)}.pt"
-
-
-def save_atomically(t: torch.Tensor, path: Path) -> None:
-    """A temporary file of this process renamed into place: ranks and jobs that race write
-    the same tensor, and a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    torch.save(t, tmp)
-    os.replace(tmp, path)
+    return models.cache_dir() / "windows" / f"{stats.cache_key(fields)}.safetensors", fields
 
 
 def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: str, comm: Comm,
-                seconds: dict) -> PruneResult:
+                seconds: dict, text: torch.Tensor | None = None) -> PruneResult:
     """Prune in place: directly, or after block-wise calibration when the method needs
-    statistics. This rank prunes ``own``, its shard of ``layers``. Records in ``seconds``
-    how long the calibration windows took to make (sampling them, for calib=self), a part
-    of the statistics phase."""
+    statistics. This rank prunes ``own``, its shard of ``layers``. ``text``: the
+    calibration windows of a text source (``text_windows``); the others are made here.
+    Records in ``seconds`` how long the calibration windows took to make (sampling them,
+    for calib=self), a part of the statistics phase."""
     if not cfg.prune.spec.calibrated:
         models.weights_to(own, device)
         return prune(loaded.model, cfg.prune, layers=own, comm=comm)
     model = loaded.model
 
     def windows():
+        if text is not None:
+            log.info("calib: %d x %d tokens from %s in %.1fs (before loading)", text.shape[0], text.shape[1],
+                     cfg.calib.source, seconds["calib_windows"])
+            return text
         with phase(seconds, "calib_windows"):
-            cached = sampled_windows_file(cfg, device) if cfg.calib.source == "self" and cfg.calib.cache else None
-            hit = cached is not None and cached.is_file()
+            cached, fields = (sampled_windows_file(cfg, device) if cfg.calib.source == "self" and cfg.calib.cache
+                              else (None, {}))
+            shape = ((cfg.calib.nsamples, cfg.calib.seqlen), torch.int64)
+            found = cache.read(cached, fields, {"windows": shape}) if cached is not None else None
+            hit = found is not None
             if hit:
-                w = torch.load(cached, weights_only=True)
+                w = found["windows"]
             else:
                 if cfg.calib.source == "self":
                     loaded.model.to(device)
@@ -162,7 +189,7 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
                                              cfg.calib.seqlen, cfg.calib.seed)
                 move(model, "cpu")  # block-wise onloading: only the current block goes to the device
                 if cached is not None:
-                    save_atomically(w, cached)
+                    cache.write(cached, {"windows": w}, fields)
         log.info("calib: %d x %d tokens from %s in %.1fs%s", w.shape[0], w.shape[1], cfg.calib.source,
                  seconds["calib_windows"], f" (sampled before: {cached})" if hit else "")
         return w
@@ -230,12 +257,15 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         data.check_source(cfg.calib.source, "calib.source")
     if cfg.eval.source:
         data.check_source(cfg.eval.source, "eval.source")
-    out = checkpoint.check_output(cfg.output_dir, cfg.overwrite, models.input_dir(cfg.model))
+    out = checkpoint.check_output(cfg.output_dir, cfg.overwrite, models.input_dir(cfg.model),
+                                  models.output_bytes(cfg.model) if cfg.save else None)
     if not cfg.prune.spec.calibrated and cfg.prune.mode != "auto":
         log.warning("prune.mode=%s has no effect with prune.method=%s: it calibrates nothing", cfg.prune.mode,
                     cfg.prune.method)
     device = dist.device_of(comm, resolve_device(cfg.device))
     seconds: dict[str, float] = {}
+    models.check_context(models.model_config(cfg.model), windows_used(cfg))
+    calib_text, windows = text_windows(cfg, seconds)
     disk_mark = disk_read_bytes()
 
     with phase(seconds, "load"):
@@ -244,23 +274,18 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         coverage = models.Coverage()
         layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude, coverage)
         parts = models.rank_parts(loaded.model, layers, comm.world_size, loaded.stream.streamed and forward_passes(cfg))
-        models.check_context(loaded.model, windows_used(cfg))
         if how["mode"] != "reused":  # a reused model is restored from weights checked before
-            models.check_finite(loaded.model)
+            models.check_finite(loaded.model, cfg.model)
     log.info("load: %s from %s (%s) in %.1fs", models.describe(loaded.model, layers), loaded.source, how["mode"],
              seconds["load"])
     if comm.world_size > 1:
         log.info("ranks: %d, layers per rank %s", comm.world_size, [len(p) for p in parts])
     resident = not loaded.stream.streamed  # every rank holds the whole model
-    if cfg.eval.tasks and loaded.tokenizer is None:
-        raise ConfigError("eval.tasks needs a tokenizer; this model has none")
     if cfg.eval.tasks and not resident and not cfg.save:
         raise ConfigError("eval.tasks on a streamed model evaluates the written checkpoint: drop save=false, or pass "
                           "model.stream=false to hold the model in memory")
 
-    ppl, windows = {}, None
-    if cfg.eval.source:
-        windows = eval_windows(cfg, loaded.tokenizer)
+    ppl = {}
     if cfg.eval.source and cfg.eval.dense:
         def dense() -> float:
             with phase(seconds, "eval_dense"):
@@ -287,7 +312,8 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
             log.info("zeroshot: dense accuracies from an earlier job of this sweep")
 
     sent = comm.bytes_communicated  # count statistics and selection only: loading and evaluation gather too
-    result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm, seconds)
+    STAGE[0] = "calibrating and pruning"
+    result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm, seconds, calib_text)
     sent = comm.bytes_communicated - sent
     gather_layers(result, comm)
     if result.mode:
@@ -443,8 +469,9 @@ def main(dcfg: DictConfig) -> None:
         if multirun:  # the job directory Hydra made, unless a complete earlier output is in it
             with contextlib.suppress(OSError):
                 Path(hc.runtime.output_dir).rmdir()
-        if isinstance(e, (ConfigError, NonFiniteScoreError)):
-            log.error("%s", e)
+        line = str(e) if isinstance(e, (ConfigError, NonFiniteScoreError)) else failure_line(e)
+        if line is not None:
+            log.error("%s", line)
             sys.exit(2)
         if not isinstance(e, Exception):
             raise
@@ -455,6 +482,29 @@ def main(dcfg: DictConfig) -> None:
         if comm.world_size > 1:
             sys.exit(1)
         raise
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def failure_line(e: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of distprune (exit code 2): a disk
+    that is full or read-only (the path, and the bytes free), memory that ran out (what was
+    being done, and what helps); None for anything else (a bug: its traceback)."""
+    if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+        where = e.filename or "a file"
+        free = ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename:
+            parent = next((p for p in Path(e.filename).parents if p.exists()), None)
+            free = f" ({shutil.disk_usage(parent).free} bytes free there)" if parent is not None else ""
+        return f"cannot write {where}: {e.strerror}{free}"
+    memory = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+    if memory:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return (f"out of memory while {STAGE[0]} ({detail}): run more ranks (torchrun --nproc_per_node N), each "
+                "holding its shard, or keep model.stream=true, or use a smaller calib.batch_size")
+    return None
 
 
 def _one_line(e: BaseException) -> str:
@@ -512,6 +562,9 @@ def entry(app: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print(f"distprune{tag}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except dist.Terminated:
+        print(f"distprune{tag}: terminated (SIGTERM)", file=sys.stderr)
+        sys.exit(143)
     except (HydraException, OmegaConfBaseException) as e:
         if full:
             raise
@@ -533,15 +586,17 @@ def run_eval(cfg: Config) -> dict:
     if cfg.eval.source:
         data.check_source(cfg.eval.source, "eval.source")
     t0 = time.perf_counter()
+    if cfg.eval.source:  # before the weights
+        models.check_context(models.model_config(cfg.model), {"eval.seqlen": cfg.eval.seqlen})
+    windows = eval_windows(cfg, models.load_tokenizer(cfg.model)) if cfg.eval.source else None
     # zero-shot runs the whole model: a streamed load holds only what perplexity needs at once
     found = models.load_streamed(cfg.model, models.outside_keys) if cfg.model.stream and not cfg.eval.tasks else None
     loaded = found[0] if found is not None else models.load(cfg.model, "cpu")
-    models.check_finite(loaded.model)
+    models.check_finite(loaded.model, cfg.model)
     device = resolve_device(cfg.device)
     result = {"model": loaded.source}
     if cfg.eval.source:
-        models.check_context(loaded.model, {"eval.seqlen": cfg.eval.seqlen})
-        ppl = evaluate_ppl(cfg, loaded, eval_windows(cfg, loaded.tokenizer), device)
+        ppl = evaluate_ppl(cfg, loaded, windows, device)
         result.update({"eval_source": cfg.eval.source, "seqlen": cfg.eval.seqlen, "max_windows": cfg.eval.max_windows,
                        "perplexity": ppl})
         log.info("eval: perplexity %.3f of %s on %s", ppl, loaded.source, cfg.eval.source)

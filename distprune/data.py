@@ -3,6 +3,8 @@ datasets (named presets, when the hub is reachable), or text sampled from the mo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -72,11 +74,24 @@ def _preset_text(name: str, key: str, split: str) -> str:
     return "\n\n".join(ds[field][:20000] if name == "c4" else ds[field])
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one 1-D tensor of token ids."""
+_TOKENS: dict[str, torch.Tensor] = {}  # a text's tokens by (tokenizer, text): a sweep's jobs tokenize once
+
+
+def tokenize(tokenizer, text: str, key: str = "calib.source") -> torch.Tensor:
+    """The whole text as one 1-D tensor of token ids (kept for the next call with the same
+    tokenizer and text: each job of a sweep checks its windows before loading)."""
     if tokenizer is None:
-        raise ConfigError("a text source needs a tokenizer; this model has none (use calib.source=self)")
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        hint = " (use calib.source=self)" if key.startswith("calib") else ""
+        raise ConfigError(f"{key} is text, which needs a tokenizer; this model has none{hint}")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    memo = hashlib.sha256(f"{type(tokenizer).__name__}\0{identity}\0{text}".encode()).hexdigest()
+    if memo not in _TOKENS:
+        if len(_TOKENS) >= 4:
+            _TOKENS.clear()
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        _TOKENS[memo] = torch.tensor(ids, dtype=torch.long, device="cpu")
+    return _TOKENS[memo]
 
 
 def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, key: str) -> torch.Tensor:
@@ -84,7 +99,7 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, 
     if tokens.numel() < nsamples * seqlen:
         raise ConfigError(f"{key} has {tokens.numel()} tokens, too few for {nsamples} windows of {seqlen}")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seqlen + 1, (nsamples,), generator=g)
+    starts = torch.randint(0, tokens.numel() - seqlen + 1, (nsamples,), generator=g, device="cpu")
     return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
 
 
@@ -153,6 +168,6 @@ def calibration_windows(source: str, model: nn.Module, tokenizer, nsamples: int,
         return self_windows(model, nsamples, seqlen, seed)
     if source == "random":  # uniform random token ids: for timing runs of random-weight models, not quality
         g = torch.Generator().manual_seed(seed)
-        return torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=g)
+        return torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=g, device="cpu")
     tokens = tokenize(tokenizer, read_text(source, "calib.source", "calib"))
     return random_windows(tokens, nsamples, seqlen, seed, f"calib.source={source!r}")

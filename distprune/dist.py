@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 from datetime import timedelta
 
 import torch
@@ -78,7 +77,7 @@ class Comm:
         """One integer from every rank, in rank order."""
         if not self._dist:
             return [value]
-        t = torch.zeros(self.world_size, dtype=torch.int64)
+        t = torch.zeros(self.world_size, dtype=torch.int64, device="cpu")
         t[self.rank] = value
         return self.all_reduce_sum(t).tolist()
 
@@ -135,7 +134,7 @@ class Comm:
         """Rank 0's value on every rank."""
         if not self._dist:
             return value
-        t = torch.tensor([value if self.is_main else 0], dtype=torch.int64)
+        t = torch.tensor([value if self.is_main else 0], dtype=torch.int64, device="cpu")
         return int(self.all_reduce_sum(t))
 
     def barrier(self) -> None:
@@ -188,7 +187,7 @@ def batch_share(count: int, batch_size: int, comm: Comm = SINGLE) -> slice:
     """This rank's contiguous share of ``count`` items (calibration or evaluation windows)
     in whole batches of ``batch_size``: every batch is the one a single process forms, so
     per-batch results are the same whatever the number of ranks."""
-    batches = torch.tensor_split(torch.arange(-(-count // batch_size)), comm.world_size)[comm.rank]
+    batches = torch.tensor_split(torch.arange(-(-count // batch_size), device="cpu"), comm.world_size)[comm.rank]
     if batches.numel() == 0:
         return slice(0, 0)
     return slice(int(batches[0]) * batch_size, min((int(batches[-1]) + 1) * batch_size, count))
@@ -229,10 +228,23 @@ def init(timeout_s: float = 600.0, device: str = "auto") -> Comm:
     return Comm(distributed=True)
 
 
+class Terminated(SystemExit):
+    """SIGTERM arrived: exit code 143, and one line (cli.entry), like Ctrl-C."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM (torchrun ends the other ranks with it when one fails; kill's default) exits
-    through Python, so that every process removes its temporary output on the way out."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    through Python, so that every process removes its temporary output on the way out. Only
+    the first one raises: a second one, arriving during that cleanup, is ignored, so that
+    no finalizer reports an exception it could not raise."""
+    def terminated(*_) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def device_of(comm: Comm, device: str) -> str:

@@ -188,7 +188,7 @@ def _scratch(k: int) -> torch.Tensor:
     would cost their page faults on every call."""
     sub = getattr(_work, "sub", None)
     if sub is None or sub.shape[0] < k:
-        sub = _work.sub = torch.empty(k, 2 * BINS, dtype=torch.int32)
+        sub = _work.sub = torch.empty(k, 2 * BINS, dtype=torch.int32, device="cpu")
     return sub
 
 
@@ -232,6 +232,9 @@ def count_low(s: torch.Tensor, hi: int) -> torch.Tensor | None:
 
 def merge(sub: torch.Tensor, hist: torch.Tensor) -> None:
     """hist (65,536 int64 bins) += the counts of ``count_high`` or ``count_low``'s tables."""
+    if not (_usable(hist) and hist.dtype == torch.int64 and hist.numel() == BINS):
+        raise ValueError(f"merge into a {hist.dtype} histogram of {hist.numel()} bins on {hist.device}: the C loop "
+                         "writes 65,536 contiguous int64 bins on the CPU")
     lib().merge(sub.data_ptr(), sub.shape[0], hist.data_ptr())
 
 

@@ -110,7 +110,7 @@ def prune_groups(layers: list[PrunableLayer], score: ScoreFn, scope: str, sparsi
 
 
 def _prune_global(layers, score, rows, sparsity, selector, comm, show, search) -> GroupsResult:
-    n = torch.tensor([sum(layer.numel for layer in layers)], dtype=torch.int64)
+    n = torch.tensor([sum(layer.numel for layer in layers)], dtype=torch.int64, device="cpu")
     comm.all_reduce_sum(n)
     n = int(n)
 

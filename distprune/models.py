@@ -8,10 +8,12 @@ import fnmatch
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,9 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distprune import moe, stream
+from distprune import moe, stream, verify
 from distprune.errors import ConfigError
-from distprune.writer import disk_sources, write_checkpoint
+from distprune.writer import disk_sources, unique_state_dict, write_checkpoint
 
 if TYPE_CHECKING:
     from distprune.config import ModelConfig
@@ -87,7 +89,7 @@ def broadcast_weight(comm, layer: PrunableLayer, src: int) -> None:
     and receives into scratch memory)."""
     w = layer.weight
     if w.is_meta:
-        comm.broadcast_(torch.empty(w.shape, dtype=w.dtype), src=src)
+        comm.broadcast_(torch.empty(w.shape, dtype=w.dtype, device="cpu"), src=src)
     elif w.is_contiguous():
         comm.broadcast_(w, src=src)
     else:
@@ -132,7 +134,7 @@ def check_source(cfg: ModelConfig) -> None:
         if p.is_dir() and not (p / "config.json").is_file():
             raise ConfigError(f"model.path={cfg.path!r} has no config.json: not a Hugging Face model directory")
         if p.is_dir():
-            check_not_quantized(cfg.path, json.loads((p / "config.json").read_text()))
+            check_not_quantized(cfg.path, read_json(p / "config.json"))
         check_files(p)
         return
     if not HUB_ID.match(cfg.path):
@@ -175,10 +177,37 @@ def check_not_quantized(path: str, config: dict) -> None:
                       f"full-precision checkpoints: dequantize it first ({hint})")
 
 
+def read_json(f: Path) -> dict:
+    """A JSON object from a file of the checkpoint; ConfigError naming the file when it is
+    unreadable or not a JSON object."""
+    try:
+        value = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"model file {str(f)!r} is corrupt: {str(e).splitlines()[0]}") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"model file {str(f)!r} is corrupt: not a JSON object")
+    return value
+
+
 def check_files(path: Path) -> None:
     """Refuse, naming the file, a safetensors or GGUF file that is cut short or corrupt
-    (a copy or download that stopped): from_pretrained would fail with a traceback deep
-    inside the reader. Reads only the headers."""
+    (a copy or download that stopped), an index that is not JSON or names a shard that is
+    not there, and a folder with both a single weights file and an index (which of them
+    holds the model is ambiguous: distprune and from_pretrained would read different
+    ones). from_pretrained would fail with a traceback deep inside the reader, or load
+    the other file. Reads only the headers."""
+    if path.is_dir():
+        single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+        if single.is_file() and index.is_file():
+            raise ConfigError(f"model.path={str(path)!r} holds both {single.name} and {index.name}: which is the "
+                              "model is ambiguous; remove the one that is not")
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"model file {str(index)!r} is corrupt: it has no weight_map")
+            for shard in sorted(set(weight_map.values())):
+                if not (path / str(shard)).is_file():
+                    raise ConfigError(f"model file {str(path / str(shard))!r}, named by {index.name}, is missing")
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
     for f in files:
         problem = _gguf_problem(f) if f.suffix == ".gguf" else _safetensors_problem(f)
@@ -243,6 +272,34 @@ def fingerprint(cfg: ModelConfig) -> dict:
             "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
 
+def output_bytes(cfg: ModelConfig) -> int | None:
+    """About how many bytes the pruned checkpoint takes (as many tensors as the input, in
+    model.dtype), from the input's headers, without loading it; None for a hub id."""
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.dtype)
+    if cfg.random is not None:  # counted on the meta device
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        kwargs = dict(cfg.random)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
+        return sum(t.numel() for t in unique_state_dict(model).values()) * (size or 4)
+    converted = cache_dir() / "models" / cfg.name  # a built-in preset converted before
+    directory = (converted if (converted / "config.json").is_file() else None) if cfg.path is None \
+        else safetensors_dir(cfg)
+    if directory is not None:
+        reader = stream.Reader(directory)
+        return sum(math.prod(shape) * (size if size and dtype.is_floating_point else dtype.itemsize)
+                   for _, dtype, shape, _, _ in reader.where.values())
+    source = builtin_gguf(cfg.name) if cfg.path is None else Path(cfg.path).expanduser()
+    if source is not None and source.is_file() and source.suffix == ".gguf":  # dequantized: float32 unless set
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(source).tensors) * (size or 4)
+    if source is not None and source.is_dir():  # .bin weights: their bytes
+        return sum(f.stat().st_size for f in source.glob("*.bin"))
+    return None
+
+
 def _random(cfg: ModelConfig, dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -291,7 +348,7 @@ def _check_causal(config, source: str) -> None:
 
 
 def _from_pretrained(path: str, dtype, gguf_file: str | None = None) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GgufConfig
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     # GGUF weights are dequantized into plain nn.Linear: prunable and savable as safetensors.
@@ -303,15 +360,69 @@ def _from_pretrained(path: str, dtype, gguf_file: str | None = None) -> LoadedMo
         raise ConfigError(f"model.path={source!r} cannot be loaded: {str(e).splitlines()[0]}") from e
     _check_causal(config, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **quant)
+        with quiet_transformers() as report:  # its loading report is checked below, in one line
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True, **extra, **quant)
     except OSError as e:  # no weights file, unreadable shards
         raise ConfigError(f"model.path={source!r} cannot be loaded: {str(e).splitlines()[0]}") from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-    except (OSError, ValueError) as e:
-        log.warning("no tokenizer with %s (%s); the output will have none", source, str(e).splitlines()[0])
-        tokenizer = None
+    except RuntimeError as e:  # tensors its conversion (per-expert files -> fused experts) cannot take
+        if "conversion" not in str(e) and "loading state_dict" not in str(e):
+            raise
+        raise verify.conversion_error(source, report, e) from e
+    verify.check_loading_info(source, model, info)
+    tokenizer = tokenizer_at(path, gguf_file)
+    if tokenizer is None:
+        log.warning("no tokenizer with %s; the output will have none", source)
     return LoadedModel(model, tokenizer, source)
+
+
+def tokenizer_at(path: str | Path, gguf_file: str | None = None):
+    """The tokenizer of a model directory, hub id or GGUF file; None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path), **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError, KeyError, TypeError):  # no tokenizer files, or ones it cannot read
+        return None
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer without its weights, for the checks before loading (text long
+    enough for the windows asked): what ``load`` gives the model."""
+    if cfg.random is not None:
+        return byte_tokenizer() if model_config(cfg).get_text_config().vocab_size >= 256 else None
+    if cfg.path is None:
+        converted = cache_dir() / "models" / cfg.name
+        if _converted(converted):
+            return tokenizer_at(converted)
+        gguf = builtin_gguf(cfg.name)
+        return tokenizer_at(gguf.parent, gguf.name) if gguf is not None else None
+    p = Path(cfg.path).expanduser()
+    return tokenizer_at(p.parent, p.name) if p.is_file() else tokenizer_at(p if p.exists() else cfg.path)
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' loading report (its table of missing and unexpected keys, conversion
+    errors) is kept, not printed: verify says what matters in one line. Yields the list
+    the report's messages go to."""
+    from transformers.utils import logging as hf_logging
+
+    kept: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    root = hf_logging.get_logger()
+    handler, propagate = Keep(logging.WARNING), root.propagate
+    saved = root.handlers[:]
+    root.handlers[:], root.propagate = [handler], False
+    try:
+        yield kept
+    finally:
+        root.handlers[:], root.propagate = saved, propagate
 
 
 def safetensors_dir(cfg: ModelConfig) -> Path | None:
@@ -330,7 +441,7 @@ def load_streamed(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> 
     its decoder block. Returns (model, bytes read), or None when the checkpoint's tensor
     names are not the model's (a layout that from_pretrained converts): load it in full
     then."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     directory = safetensors_dir(cfg)
     if directory is None:
@@ -346,20 +457,24 @@ def load_streamed(cfg: ModelConfig, wanted: Callable[[nn.Module], set[str]]) -> 
     on_file = {k: v[2] for k, v in reader.where.items()}
     streamed = stream.Streamed(model, reader, blocks, blocks_prefix(model),
                                lambda name, shape: disk_sources(model, name, shape, on_file))
-    if not streamed.complete():
+    missing, unused, wrong = streamed.mismatches()
+    unused, known = verify.split_ignored(model, unused)
+    if missing and unused:  # names a conversion of from_pretrained's may map: its loading report is checked
         log.info("%s: tensor names differ from the model's; loading it in full", directory)
         return None
+    error = verify.mismatch(str(directory), missing, unused, wrong, len(blocks),
+                            verify.blocks_on_disk(reader.where, blocks_prefix(model)))
+    if error is not None:
+        raise error
+    if known:
+        log.info("%s: %d checkpoint tensor(s) known to be unused, ignored", directory, len(known))
     read = streamed.keep(wanted(model))
     if not streamed.converted:  # the checkpoint holds the model's own names: write them back (writer.on_disk)
         model._weight_conversions = []
     gen = directory / "generation_config.json"
     if gen.is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError):
-        tokenizer = None
-    return LoadedModel(model.eval(), tokenizer, str(directory), streamed), read
+    return LoadedModel(model.eval(), tokenizer_at(directory), str(directory), streamed), read
 
 
 def outside_keys(model: nn.Module) -> set[str]:
@@ -420,21 +535,45 @@ def _first_float_dtype(reader: stream.Reader) -> torch.dtype:
     return next((reader.dtype(k) for k in reader.where if reader.dtype(k).is_floating_point), torch.float32)
 
 
+def _converted(target: Path) -> bool:
+    """Whether a built-in preset's conversion (a cache) is there and intact: its config
+    reads and its files are whole (a damaged one is converted again)."""
+    if not (target / "config.json").is_file():
+        return False
+    try:
+        read_json(target / "config.json")
+        check_files(target)
+    except ConfigError:
+        return False
+    return True
+
+
+def builtin_gguf(name: str) -> Path | None:
+    """The GGUF file of a built-in preset, where its package is installed."""
+    if name not in BUILTIN:
+        return None
+    found = importlib.util.find_spec(BUILTIN[name]["package"])  # locate without importing it
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(found.submodule_search_locations[0]) / BUILTIN[name]["file"]
+
+
 def builtin_dir(name: str) -> Path:
     """Safetensors directory of a built-in preset, converted from its GGUF file on first use."""
-    spec = BUILTIN[name]
     target = cache_dir() / "models" / name
-    if (target / "config.json").is_file():
+    if _converted(target):
         return target
-    found = importlib.util.find_spec(spec["package"])  # locate without importing it
-    if found is None or not found.submodule_search_locations:
-        raise ConfigError(f"model={name} needs its weights package: {spec['pip']}")
-    gguf = Path(found.submodule_search_locations[0]) / spec["file"]
+    gguf = builtin_gguf(name)
+    if gguf is None:
+        raise ConfigError(f"model={name} needs its weights package: {BUILTIN[name]['pip']}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # ranks on one node: one converts, the others wait for it
-        if (target / "config.json").is_file():
+        if _converted(target):
             return target
+        if target.exists():
+            log.warning("the converted %s in %s is damaged; converting it again", name, target)
+            shutil.rmtree(target)
         log.info("converting %s to safetensors in %s (once)", gguf.name, target)
         loaded = _from_pretrained(str(gguf.parent), "auto", gguf_file=gguf.name)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -450,24 +589,51 @@ def builtin_dir(name: str) -> Path:
     return target
 
 
-def check_finite(model: nn.Module) -> None:
-    """Refuse a model whose loaded floating-point tensors hold NaN or Inf, naming the first
-    such tensor: its scores, or the statistics of every layer after it, would be
-    meaningless (tensors on the meta device, not loaded by this rank, are checked when a
-    pass reads their block)."""
+def check_finite(model: nn.Module, cfg: ModelConfig | None = None) -> None:
+    """Refuse a model whose loaded floating-point tensors (weights, norms, embeddings,
+    biases, routers) hold NaN or Inf, naming the first such tensor: its scores, the
+    statistics of every layer after it, or the output that copies it would be meaningless.
+    Tensors on the meta device, not loaded by this rank, are checked when they are read.
+    ``cfg``: the model's source, to tell a cast that overflowed from damage."""
+    directory = safetensors_dir(cfg) if cfg is not None else None
+    reader = stream.Reader(directory) if directory is not None else None
     for name, t in model.state_dict().items():
         if not t.is_meta:
-            stream.check_finite(name, t)
+            stream.check_finite(name, t, (lambda n=name: reader.read(n) if n in reader.where else None)
+                                if reader is not None else None)
 
 
 CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length")
 
 
-def check_context(model: nn.Module, windows: dict[str, int]) -> None:
-    """Refuse windows longer than the model's context (``{"calib.seqlen": 512}``): learned
-    position tables index out of range (GPT-2, OPT), rotary models run past what they were
-    trained on and give meaningless statistics and perplexity."""
-    config = model.config
+def model_config(cfg: ModelConfig):
+    """The model's transformers config, without its weights (``check_source`` first)."""
+    from transformers import AutoConfig
+
+    if cfg.random is not None:
+        kwargs = dict(cfg.random)
+        return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    if cfg.path is None:
+        converted = cache_dir() / "models" / cfg.name
+        gguf = None if _converted(converted) else builtin_gguf(cfg.name)
+        if gguf is None and not _converted(converted):
+            raise ConfigError(f"model={cfg.name} needs its weights package: {BUILTIN[cfg.name]['pip']}")
+        path, extra = (converted, {}) if gguf is None else (gguf.parent, {"gguf_file": gguf.name})
+    else:
+        p = Path(cfg.path).expanduser()
+        path, extra = (p.parent, {"gguf_file": p.name}) if p.is_file() else (p if p.exists() else cfg.path, {})
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(str(path), **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model.path={str(cfg.path or path)!r} cannot be loaded: {str(e).splitlines()[0]}") from e
+
+
+def check_context(config, windows: dict[str, int]) -> None:
+    """Refuse windows longer than the model's context (``{"calib.seqlen": 512}``), from its
+    config, before the weights load: learned position tables index out of range (GPT-2,
+    OPT), rotary models run past what they were trained on and give meaningless
+    statistics and perplexity."""
     limit = next(((k, getattr(config, k)) for k in CONTEXT_KEYS if isinstance(getattr(config, k, None), int)), None)
     if limit is None:
         return
@@ -513,12 +679,30 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"no list of {count} decoder blocks found in {type(model).__name__}")
 
 
-def _admitted(names: list[str], include, exclude) -> bool:
-    """Whether prune.include / prune.exclude (fnmatch patterns) admit a weight known by any
-    of ``names`` (its module name, its tensor's name)."""
-    if include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in include):
-        return False
-    return not any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude)
+class Patterns:
+    """prune.include / prune.exclude (fnmatch patterns on layer and tensor names), and which
+    of them matched a weight: a pattern that matches none is a typo (``check_used``)."""
+
+    def __init__(self, include, exclude) -> None:
+        self.include, self.exclude = list(include), list(exclude)
+        self.used: set[tuple[str, str]] = set()
+
+    def admitted(self, names: list[str]) -> bool:
+        """Whether the patterns admit a weight known by any of ``names`` (its module name,
+        its tensor's name)."""
+        hit = {(key, p) for key, patterns in (("include", self.include), ("exclude", self.exclude))
+               for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)}
+        self.used |= hit
+        if self.include and not any(key == "include" for key, _ in hit):
+            return False
+        return not any(key == "exclude" for key, _ in hit)
+
+    def check_used(self, example: str) -> None:
+        for key, patterns in (("include", self.include), ("exclude", self.exclude)):
+            unused = [p for p in patterns if (key, p) not in self.used]
+            if unused:
+                raise ConfigError(f"prune.{key} pattern(s) {', '.join(map(repr, unused))} match no weight of the "
+                                  f"model's decoder blocks (names look like {example})")
 
 
 @dataclass
@@ -553,6 +737,8 @@ def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str
     from transformers.pytorch_utils import Conv1D
 
     cov = coverage if coverage is not None else Coverage()
+    patterns = Patterns(include, exclude)
+    unprunable: list[tuple[str, tuple[int, ...]]] = []  # 2-D tensors no rule covers
     blocks = decoder_blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
     inside: set[int] = set()
@@ -572,7 +758,7 @@ def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str
             elif isinstance(module, (nn.Linear, Conv1D)):
                 handled.add(id(module.weight))
                 layer = PrunableLayer(name, module, i, isinstance(module, Conv1D))
-                if _admitted([name, layer.key], include, exclude):
+                if patterns.admitted([name, layer.key]):
                     layers.append(layer)
                     cov.dense += layer.numel
                 else:
@@ -585,7 +771,7 @@ def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str
                         param, transposed, rows = moe.view_spec(module, matrix)
                         layer = PrunableLayer(f"{name}.{e}.{matrix}", module, i, transposed, f"{name}.{param}", param,
                                               e, rows)
-                        if _admitted([layer.name, layer.key], include, exclude):
+                        if patterns.admitted([layer.name, layer.key]):
                             layers.append(layer)
                             cov.expert += layer.numel
                         else:
@@ -596,13 +782,18 @@ def prunable_layers(model: nn.Module, include: list[str] = (), exclude: list[str
                 continue
             if p.dim() < 2 or pname.endswith("bias"):
                 cov.vector += p.numel()
-            elif _admitted([pname, pname.rsplit(".", 1)[0]], include, exclude):
-                pattern = re.sub(r"\.\d+\.", ".*.", pname, count=1)
-                raise ConfigError(f"{pname} (shape {tuple(p.shape)}) is a weight distprune cannot prune and that is "
-                                  f"on no never-prune list; leave it out with prune.exclude=[\"{pattern}\"]")
+            elif patterns.admitted([pname, pname.rsplit(".", 1)[0]]):
+                unprunable.append((pname, tuple(p.shape)))
             else:
                 cov.excluded += p.numel()
     cov.outside += sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    if unprunable:  # every one in one message, by pattern over the blocks
+        kinds = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n, count=1) for n, _ in unprunable))
+        first = ", ".join(f"{n} (shape {shape})" for n, shape in unprunable[:3])
+        raise ConfigError(f"{len(unprunable)} weight(s) distprune cannot prune and that are on no never-prune list "
+                          f"({first}{' and more' if len(unprunable) > 3 else ''}); leave them out with "
+                          f"prune.exclude=[{', '.join(f'{chr(34)}{k}{chr(34)}' for k in kinds)}]")
+    patterns.check_used(layers[0].name if layers else names[id(blocks)] + ".0")
     if not layers:
         raise ConfigError("no prunable layers match prune.include / prune.exclude")
     return layers

@@ -40,7 +40,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, sho
     batch order, so the result does not depend on how many ranks computed it."""
     mine = windows[batch_share(windows.shape[0], batch_size, comm)]
     device = next(model.parameters()).device
-    sums = torch.zeros(-(-mine.shape[0] // batch_size), dtype=torch.float64)
+    sums = torch.zeros(-(-mine.shape[0] // batch_size), dtype=torch.float64, device="cpu")
     batches = torch.split(mine, batch_size) if mine.shape[0] else ()  # a rank may get none
     for j, batch in enumerate(progress(batches, "perplexity", "batch", show)):
         ids = batch.to(device)
@@ -97,7 +97,7 @@ def blockwise_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: in
         block.to("cpu")
         blocks_from.release_block(i)
         inputs = outputs
-    sums = torch.zeros(len(inputs), dtype=torch.float64)
+    sums = torch.zeros(len(inputs), dtype=torch.float64, device="cpu")
     batches = torch.split(mine, batch_size) if mine.shape[0] else ()  # a rank may get none
     for j, ((final, _), batch) in enumerate(zip(inputs, batches, strict=True)):
         ids = batch.to(device)

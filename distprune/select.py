@@ -213,14 +213,14 @@ def _add(counts: torch.Tensor, hist: torch.Tensor, lock: threading.Lock) -> None
 
 def _from_bits(bits: int, dtype: torch.dtype) -> torch.Tensor:
     if dtype in HALF_DTYPES:
-        return torch.tensor(bits, dtype=torch.int16).view(dtype)
-    return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+        return torch.tensor(bits, dtype=torch.int16, device="cpu").view(dtype)
+    return torch.tensor(bits, dtype=torch.int32, device="cpu").view(torch.float32)
 
 
 def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """Bin holding the k-th smallest (1-based) of a histogram, and the count below that bin."""
     cum = torch.cumsum(hist, 0)
-    b = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype)).item())
+    b = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype, device="cpu")).item())
     below = int(cum[b - 1].item()) if b > 0 else 0
     return b, below
 
@@ -245,7 +245,7 @@ def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
         return Selection(k, n, None, 0, 0, "radix")
     dtype = dtype or _score_dtype(stream)
     half = dtype in HALF_DTYPES
-    hist, lock = torch.zeros(BINS, dtype=torch.int64), threading.Lock()
+    hist, lock = torch.zeros(BINS, dtype=torch.int64, device="cpu"), threading.Lock()
     for _ in stream.map_pieces(lambda name, s: _add_high(name, s, hist, lock), "radix pass 1"):
         pass
     local = hist.clone()  # this rank's share, for the tie offsets
@@ -257,7 +257,7 @@ def select_radix(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
     if half:
         return Selection(k, n, _from_bits(hi, dtype), k - below, 1, "radix", int(local[hi]))
 
-    hist2 = torch.zeros(BINS, dtype=torch.int64)
+    hist2 = torch.zeros(BINS, dtype=torch.int64, device="cpu")
     for _ in stream.map_pieces(lambda _name, s: _add_low(s, hi, hist2, lock), "radix pass 2"):
         pass
     local = hist2.clone()
@@ -295,8 +295,8 @@ def select_search(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
     if k == 0:
         return Selection(k, n, None, 0, 0, "search")
     dtype = _score_dtype(stream)
-    sums = torch.zeros(2, dtype=torch.float64)  # sum, sum of squares
-    top = torch.zeros(1, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64, device="cpu")  # sum, sum of squares
+    top = torch.zeros(1, dtype=torch.float64, device="cpu")
 
     def moments(_name: str, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sq = torch.linalg.vector_norm(s, dtype=torch.float64).square()
@@ -317,8 +317,8 @@ def select_search(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
     t = min(max(mean + NormalDist().inv_cdf(q) * std, lo), hi)
     passes = 1
     for _ in range(max_iter):
-        tt = torch.tensor(t, dtype=dtype)
-        count = torch.zeros(1, dtype=torch.int64)
+        tt = torch.tensor(t, dtype=dtype, device="cpu")
+        count = torch.zeros(1, dtype=torch.int64, device="cpu")
         for c in stream.map(lambda _n, s, tt=tt: torch.count_nonzero(s <= tt.to(s.device)).cpu(), "search count"):
             count += c
         comm.all_reduce_sum(count)
@@ -331,7 +331,7 @@ def select_search(stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,
         else:
             hi = t
         t = (lo + hi) / 2
-    return Selection(k, n, torch.tensor(t, dtype=dtype), None, passes, "search")
+    return Selection(k, n, torch.tensor(t, dtype=dtype, device="cpu"), None, passes, "search")
 
 
 def select(selector: str, stream: ScoreStream, k: int, n: int, comm: Comm = SINGLE,

@@ -108,7 +108,7 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, k: int, scope: str = "lay
         more = extra_rows(w**2 / hinv.diagonal()[None, :] ** 2, q, r)
         plus, base = _counts(q + 1, cols, blocksize), _counts(q, cols, blocksize)
     mask = torch.zeros_like(w, dtype=torch.bool)
-    losses = torch.zeros(rows, dtype=torch.float64)
+    losses = torch.zeros(rows, dtype=torch.float64, device=w.device)
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         w1 = w[:, i1:i2].clone()  # (out, block)

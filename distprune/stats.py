@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distprune import moe
+from distprune import cache, moe
 from distprune.dist import SINGLE, Comm
 from distprune.models import PrunableLayer, decoder_blocks
 from distprune.progress import progress
@@ -38,7 +36,7 @@ from distprune.select import NonFiniteScoreError
 from distprune.stream import IN_MEMORY, InMemory, Streamed, move
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when the statistics change meaning (2: experts run by moe.forward)
+CACHE_VERSION = 3  # bump when the statistics change meaning (2: experts run by moe.forward; 3: checksummed files)
 
 
 @dataclass
@@ -79,7 +77,7 @@ def merge(stats: list[LayerStats], partials: list[list[torch.Tensor]], comm: Com
         return
     widths = [2 * st.sumsq.numel() + 1 for st in stats]
     rows = [torch.cat([p[b].cpu() for p in partials]) for b in range(len(partials[0]))]
-    local = torch.stack(rows) if rows else torch.zeros(0, sum(widths), dtype=torch.float64)
+    local = torch.stack(rows) if rows else torch.zeros(0, sum(widths), dtype=torch.float64, device="cpu")
     for row in comm.all_gather_cat(local.reshape(-1)).reshape(-1, sum(widths)):
         for st, part in zip(stats, row.split(widths), strict=True):
             c = st.sumsq.numel()
@@ -98,8 +96,8 @@ class ChannelSums:
 
     def __init__(self, layers: list[PrunableLayer], comm: Comm = SINGLE) -> None:
         self.comm = comm
-        self.stats = {layer.name: LayerStats(torch.zeros(layer.weight.shape[1], dtype=torch.float64),
-                                             torch.zeros(layer.weight.shape[1], dtype=torch.float64), 0)
+        self.stats = {layer.name: LayerStats(torch.zeros(layer.weight.shape[1], dtype=torch.float64, device="cpu"),
+                                             torch.zeros(layer.weight.shape[1], dtype=torch.float64, device="cpu"), 0)
                       for layer in layers}
         self._partials: dict[str, list[torch.Tensor]] = {}
 
@@ -367,28 +365,30 @@ def cache_key(fields: dict) -> str:
 
 
 def save(path: Path, stats: dict[str, LayerStats], fields: dict) -> None:
-    """Write statistics atomically (a temp file of this process, renamed): safetensors, key
-    fields as metadata. Two jobs that compute the same statistics at once (two sweeps on
-    one machine) both write whole files; the last rename wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write statistics to the cache (cache.py: key fields and a checksum in the file,
+    fsynced, renamed into place; a cache that cannot be written is a warning). Two jobs
+    that compute the same statistics at once (two sweeps on one machine) both write whole
+    files; the last rename wins."""
     tensors = {}
     for name, st in stats.items():
-        tensors[f"{name}.sumsq"] = st.sumsq.cpu()
-        tensors[f"{name}.sum"] = st.sum.cpu()
-        tensors[f"{name}.count"] = torch.tensor([st.count], dtype=torch.int64)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, tmp, metadata={"distprune": json.dumps(fields, sort_keys=True, default=str)})
-    os.replace(tmp, path)
+        tensors[f"{name}.sumsq"] = st.sumsq
+        tensors[f"{name}.sum"] = st.sum
+        tensors[f"{name}.count"] = torch.tensor([st.count], dtype=torch.int64, device="cpu")
+    cache.write(path, tensors, fields)
 
 
-def load(path: Path, names: list[str]) -> dict[str, LayerStats] | None:
-    """Statistics of the named layers from a cache file, or None when it lacks any."""
-    if not path.is_file():
+def load(path: Path, inputs: dict[str, int], fields: dict) -> dict[str, LayerStats] | None:
+    """Statistics of the layers ``inputs`` names (layer -> its input channels) from a cache
+    file made for ``fields``, or None: a miss, also for a file that is damaged or holds
+    anything else (cache.read)."""
+    expect = {}
+    for name, width in inputs.items():
+        expect.update({f"{name}.sumsq": ((width,), torch.float64), f"{name}.sum": ((width,), torch.float64),
+                       f"{name}.count": ((1,), torch.int64)})
+    t = cache.read(path, fields, expect)
+    if t is None:
         return None
-    t = load_file(path)
-    if any(f"{n}.sumsq" not in t for n in names):
-        return None
-    return {n: LayerStats(t[f"{n}.sumsq"], t[f"{n}.sum"], int(t[f"{n}.count"])) for n in names}
+    return {n: LayerStats(t[f"{n}.sumsq"], t[f"{n}.sum"], int(t[f"{n}.count"])) for n in inputs}
 
 
 def balance(layers: list[PrunableLayer], cost: Callable[[int, int], float], world_size: int) -> dict[str, int]:
@@ -466,7 +466,8 @@ class Hessians:
         # rank 0's sharing, on every rank: a rank without calibration batches saw no inputs
         leaders = comm.all_gather_objects(self._leader)[0] if comm.world_size > 1 else self._leader
         heads = [layer for layer in self._layers if leaders.get(layer.name) == layer.name]
-        counts = comm.all_reduce_sum(torch.tensor([self._tokens.get(h.name, 0) for h in heads], dtype=torch.int64))
+        counts = comm.all_reduce_sum(torch.tensor([self._tokens.get(h.name, 0) for h in heads], dtype=torch.int64,
+                                                  device="cpu"))
         out, self.tokens = {}, {}
         for layer, tokens in zip(heads, counts.tolist(), strict=True):
             leader = layer.name

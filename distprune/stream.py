@@ -27,6 +27,7 @@ from torch import nn
 from distprune import moe
 from distprune.errors import ConfigError
 from distprune.select import all_finite
+from distprune.verify import dtype_kind
 from distprune.writer import Piece, tie_groups
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Reader:
         if index is not None:
             step = (end - start) // shape[0]
             start, end, shape = start + index * step, start + (index + 1) * step, shape[1:]
-        buf = torch.empty(end - start, dtype=torch.uint8)
+        buf = torch.empty(end - start, dtype=torch.uint8, device="cpu")
         view, done = memoryview(buf.numpy()), 0
         with open(f, "rb") as fh:
             fh.seek(start)
@@ -192,10 +193,24 @@ class Streamed:
         """Names of the tensors that block loads bring from the rank that holds them (share)."""
         return {name for group in self.groups if group[0] in self.source for name in group}
 
-    def complete(self) -> bool:
-        """Whether the checkpoint holds every tensor of the model under one of its names
-        (otherwise from_pretrained renames or converts them: load it in full)."""
-        return all(v is not None for v in self.stored.values())
+    def mismatches(self) -> tuple[list[str], list[str], list[str]]:
+        """What keeps the checkpoint from holding exactly this model (verify.py): (model
+        tensors it lacks, its tensors that no model tensor comes from, model tensors it
+        stores with another shape or kind of dtype), from the headers alone."""
+        where, used, missing, wrong = self.reader.where, set(), [], []
+        for group in self.groups:
+            used.update(n for n in group if n in where)
+            src, ref = self.stored[group[0]], getattr(*self.slots[group[0]])
+            if src is None:
+                missing.append(group[0])
+                continue
+            keys = [piece.key for piece in src] if isinstance(src, list) else [src]
+            used.update(keys)
+            if isinstance(src, str) and where[src][2] != tuple(ref.shape):
+                wrong.append(f"{src}: {where[src][2]}, the config says {tuple(ref.shape)}")
+            elif any(dtype_kind(where[k][1]) != dtype_kind(ref.dtype) for k in keys):
+                wrong.append(f"{keys[0]}: {where[keys[0]][1]}, the model holds {ref.dtype}")
+        return missing, [k for k in where if k not in used], wrong
 
     def keep(self, names: set[str]) -> int:
         """Read the groups that any of ``names`` belongs to and keep them in memory until
@@ -263,7 +278,7 @@ class Streamed:
                 # checked at load, a received one by its sender, an expert left on disk as it is read
                 from_disk = group[0] not in self.resident and not self._received(group)
                 if from_disk and not getattr(*self.slots[group[0]]).is_meta:
-                    check_finite(group[0], getattr(*self.slots[group[0]]))
+                    check_finite(group[0], getattr(*self.slots[group[0]]), lambda g=group: self._read(g))
 
     def _broadcast(self, comm, group: list[str], src: int) -> int:
         """A group's tensor from rank src (which reads it when it is not in memory) into every
@@ -276,7 +291,7 @@ class Streamed:
             comm.broadcast_bytes_(getattr(*self.slots[group[0]]).data, src)
             return 0
         spare = self._spare.get((tuple(ref.shape), ref.dtype))
-        t = spare.pop() if spare else torch.empty(ref.shape, dtype=ref.dtype)
+        t = spare.pop() if spare else torch.empty(ref.shape, dtype=ref.dtype, device="cpu")
         comm.broadcast_bytes_(t, src)
         self._put(group, t, isinstance(ref, nn.Parameter))
         return t.numel() * t.element_size()
@@ -298,7 +313,7 @@ class Streamed:
         ref, src = getattr(module, attr), self.stored[group[0]]
         if isinstance(src, list):
             parts = [piece for piece in src if piece.expert == e]
-            t = torch.empty(ref.shape[1:], dtype=self.reader.dtype(parts[0].key))
+            t = torch.empty(ref.shape[1:], dtype=self.reader.dtype(parts[0].key), device="cpu")
             for piece in parts:
                 t[piece.start:piece.start + piece.rows] = self.reader.read(piece.key)
         else:
@@ -306,9 +321,9 @@ class Streamed:
         if tuple(t.shape) != tuple(ref.shape[1:]):
             raise ConfigError(f"checkpoint tensor {src if isinstance(src, str) else name}: expert {e} has shape "
                               f"{tuple(t.shape)}, the config says {tuple(ref.shape[1:])}")
-        t = t.to(ref.dtype)
-        check_finite(f"{name}[{e}]", t)
-        return t
+        cast = t.to(ref.dtype)
+        check_finite(f"{name}[{e}]", cast, lambda: t)
+        return cast
 
     def release_block(self, i: int) -> None:
         for group in self.block_groups[i]:
@@ -319,15 +334,19 @@ class Streamed:
                 self._put(group, torch.empty_like(ref, device="meta"), isinstance(ref, nn.Parameter))
 
     def read(self, name: str) -> torch.Tensor:
-        """A tensor as the checkpoint holds it (in the model's dtype), without keeping it."""
+        """A tensor as the checkpoint holds it (in the model's dtype), without keeping it:
+        checked like every tensor read (the writer copies what no pass read)."""
         group = next(g for g in self.groups if name in g)
-        return self._read(group).to(getattr(*self.slots[group[0]]).dtype)
+        raw = self._read(group)
+        t = raw.to(getattr(*self.slots[group[0]]).dtype)
+        check_finite(name, t, lambda: raw)
+        return t
 
     def _read(self, group: list[str]) -> torch.Tensor:
         """A group's tensor as the checkpoint holds it: one tensor, or assembled from pieces."""
         ref, src = getattr(*self.slots[group[0]]), self.stored[group[0]]
         if isinstance(src, list):
-            t = torch.empty(ref.shape, dtype=self.reader.dtype(src[0].key))
+            t = torch.empty(ref.shape, dtype=self.reader.dtype(src[0].key), device="cpu")
             for piece in src:
                 t[piece.expert, piece.start:piece.start + piece.rows] = self.reader.read(piece.key)
             return t
@@ -375,16 +394,26 @@ def _in_thread(fn: Callable[..., int], *args) -> Callable[[], int]:
 
 CHECK_CHUNK = 1 << 24  # elements per finiteness check: its temporaries stay at a few tens of MB
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Refuse a tensor with NaN or Inf, checked in chunks: isfinite of a whole fused experts
-    tensor (1e9 bf16 weights) would make gigabytes of temporaries."""
-    if not t.is_floating_point():
+def finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf, checked on bit patterns in chunks: isfinite of a
+    whole fused experts tensor (1e9 bf16 weights) would make gigabytes of temporaries."""
+    return not t.is_floating_point() or all(all_finite(part) for part in t.reshape(-1).split(CHECK_CHUNK))
+
+
+def check_finite(name: str, t: torch.Tensor, stored: Callable[[], torch.Tensor | None] | None = None) -> None:
+    """Refuse a tensor with NaN or Inf, naming it. ``stored``: the tensor as the checkpoint
+    holds it, asked for only on failure, to tell a damaged checkpoint from a cast to a
+    narrower dtype (model.dtype=float16 of a bfloat16 checkpoint) that overflowed."""
+    if finite(t):
         return
-    flat = t.reshape(-1)
-    if not all(all_finite(part) for part in flat.split(CHECK_CHUNK)):
-        bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(CHECK_CHUNK))
-        raise ConfigError(f"model tensor {name} holds {bad} non-finite value{'s' * (bad != 1)} (NaN or Inf): "
-                          "the checkpoint is damaged")
+    bad = sum(int((~torch.isfinite(part)).sum()) for part in t.reshape(-1).split(CHECK_CHUNK))
+    values = f"{bad} non-finite value{'s' * (bad != 1)} (NaN or Inf)"
+    raw = stored() if stored is not None else None
+    if raw is not None and raw.dtype != t.dtype and finite(raw):
+        raise ConfigError(f"model tensor {name} overflows {str(t.dtype).removeprefix('torch.')}: casting the "
+                          f"checkpoint's {str(raw.dtype).removeprefix('torch.')} gives {values}; the checkpoint is "
+                          f"fine, the cast is not: pass model.dtype={str(raw.dtype).removeprefix('torch.')}")
+    raise ConfigError(f"model tensor {name} holds {values}: the checkpoint is damaged")
 
 
 def move(model: nn.Module, device, skip: nn.Module | None = None) -> None:

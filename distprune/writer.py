@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,14 +121,14 @@ def disk_sources(model: nn.Module, name: str, shape: tuple[int, ...], on_file: d
     experts, rows, cols = shape
     small = math.gcd(rows, 720720)  # divisible by any number of concatenated matrices up to 16
     scale = rows // small
-    coded = torch.arange(experts * small, dtype=torch.float64).reshape(experts, small, 1)
+    coded = torch.arange(experts * small, dtype=torch.float64, device="cpu").reshape(experts, small, 1)
     pieces, covered = [], 0
     for key, t in on_disk(model, name, coded).items():
         codes = t.reshape(-1)
         first = int(codes[0])
         e, start = divmod(first, small)
-        if t.dim() != 2 or t.shape[1] != 1 or not torch.equal(codes, torch.arange(first, first + len(codes),
-                                                                                dtype=torch.float64)):
+        expected = torch.arange(first, first + len(codes), dtype=torch.float64, device="cpu")
+        if t.dim() != 2 or t.shape[1] != 1 or not torch.equal(codes, expected):
             return None
         piece = Piece(key, e, start * scale, len(codes) * scale)
         if on_file.get(key) != (piece.rows, cols):
@@ -135,6 +136,18 @@ def disk_sources(model: nn.Module, name: str, shape: tuple[int, ...], on_file: d
         pieces.append(piece)
         covered += piece.rows
     return pieces if covered == experts * rows else None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with an error of the file system raised as the OSError it is
+    (safetensors reports "No space left on device (os error 28)" in an error of its own)."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None or isinstance(e, OSError):
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
 def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_size: str,
@@ -156,8 +169,7 @@ def write_checkpoint(directory: Path, model: nn.Module, tokenizer, max_shard_siz
             tensors = {}
             for k in keys:
                 tensors.update(on_disk(model, k, read(k) if state[k].is_meta else state[k].detach()))
-            save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, directory / name,
-                      metadata={"format": "pt"})
+            save_tensors({k: t.contiguous().cpu() for k, t in tensors.items()}, directory / name)
             os.chmod(directory / name, 0o666 & ~UMASK)  # safetensors creates 0600; the JSON files get the umask
     if not comm.is_main:
         return

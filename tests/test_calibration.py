@@ -156,9 +156,11 @@ def test_sampled_windows_are_cached_and_reused(tiny, tmp_path, monkeypatch):
     sparsity, reads the windows it sampled; other sampling settings sample again."""
     cfg = tiny_job(tiny, tmp_path, monkeypatch, method="wanda", scope="row")
     first = run(cfg)
-    files = list((tmp_path / "cache" / "windows").glob("*.pt"))
+    files = list((tmp_path / "cache" / "windows").glob("*.safetensors"))
     assert len(files) == 1
-    sampled = torch.load(files[0], weights_only=True)
+    from safetensors.torch import load_file
+
+    sampled = load_file(files[0])["windows"]
     assert sampled.shape == (4, 16)
     from distprune.models import load
 
@@ -177,10 +179,10 @@ def test_sampled_windows_are_cached_and_reused(tiny, tmp_path, monkeypatch):
         assert run(cfg)["layers"] == first["layers"]  # the same windows, the same pruning
     cfg.calib.seed = 4
     run(cfg)
-    assert len(list((tmp_path / "cache" / "windows").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache" / "windows").glob("*.safetensors"))) == 2
     cfg.calib.cache = False
     run(cfg)
-    assert len(list((tmp_path / "cache" / "windows").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache" / "windows").glob("*.safetensors"))) == 2
 
 
 def test_global_sequential_is_refused(tiny):

@@ -22,15 +22,15 @@ from distprune.select import NonFiniteScoreError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def in_process(*args, cwd, monkeypatch) -> tuple[int, str]:
-    """``python -m distprune model=tiny-llama ARGS`` in this process, from ``cwd``: the same
+def in_process(*args, cwd, monkeypatch, model: str = "tiny-llama") -> tuple[int, str]:
+    """``python -m distprune model=MODEL ARGS`` in this process, from ``cwd``: the same
     entry point as the command (Hydra, the checks, exit codes), without a new interpreter
     and its imports (seconds each). Returns (exit code, stderr)."""
     from distprune.cli import entry, main
 
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    monkeypatch.setattr(sys, "argv", ["distprune", "model=tiny-llama", "calib.nsamples=4", "calib.seqlen=32", *args])
+    monkeypatch.setattr(sys, "argv", ["distprune", f"model={model}", "calib.nsamples=4", "calib.seqlen=32", *args])
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     err, code = io.StringIO(), 0
@@ -297,7 +297,7 @@ def test_non_finite_statistics_are_named_and_never_cached(tiny, tmp_path):
         calibrate_and_prune(model, PruneConfig(method="wanda", scope="row", mode="oneshot"), lambda: windows, "cpu",
                             prunable_layers(model), cache_file=cache, cache_fields={}, show_progress=False)
     assert not cache.exists()
-    assert stats.load(cache, ["x"]) is None
+    assert stats.load(cache, {"x": 64}, {}) is None
 
 
 @pytest.mark.parametrize("key", ["eval.seqlen", "calib.seqlen"])

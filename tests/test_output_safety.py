@@ -109,8 +109,11 @@ def test_killed_rank_mid_save_leaves_nothing(tmp_path, victim):
 
 def test_leftovers_of_killed_runs_are_removed(tiny, tmp_path):
     """A temporary directory whose owner process is gone (kill -9) is removed by the next
-    run into the same output_dir; one of a live process is kept."""
+    run into the same output_dir; one of a live process is kept. An old output whose
+    owner died between its two renames is first restored as output_dir (test_integrity),
+    which this run, with overwrite, then replaces."""
     cfg = tiny()
+    cfg.overwrite = True
     out = Path(cfg.output_dir)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
