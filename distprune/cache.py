@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from distprune.writer import save_tensors
+
 log = logging.getLogger("distprune")
 
 Expect = dict[str, tuple[tuple[int, ...], torch.dtype]]  # tensor name -> (shape, dtype)
@@ -41,13 +43,11 @@ def _fields(fields: dict) -> str:
 
 def write(path: Path, tensors: dict[str, torch.Tensor], fields: dict) -> bool:
     """Write tensors with their fields and checksum; True when the file is in place."""
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         cpu = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
-        save_file(cpu, tmp, metadata={"distprune": _fields(fields), "sha256": checksum(cpu)})
+        save_tensors(cpu, tmp, {"distprune": _fields(fields), "sha256": checksum(cpu)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -466,17 +466,24 @@ def main(dcfg: DictConfig) -> None:
     try:
         run(cfg, comm, sweep.MODELS if multirun else None)
     except BaseException as e:
+        dist.exiting()
         if multirun:  # the job directory Hydra made, unless a complete earlier output is in it
             with contextlib.suppress(OSError):
                 Path(hc.runtime.output_dir).rmdir()
         line = str(e) if isinstance(e, (ConfigError, NonFiniteScoreError)) else failure_line(e)
         if line is not None:
+            dist.report_failure(comm, line)
             log.error("%s", line)
             sys.exit(2)
         if not isinstance(e, Exception):
             raise
+        peer = dist.failed_peer(comm) if isinstance(e, RuntimeError) else None
+        if peer is not None:  # a collective failed because that rank is gone: one line, no transport traceback
+            log.error("rank %d of %d stops: %s", comm.rank, comm.world_size, peer)
+            sys.exit(1)
         # name the failing rank; under a launcher end this process (even mid-sweep, where Hydra
         # would go on to the next job out of step with the other ranks): the launcher ends them
+        dist.report_failure(comm, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         log.error("rank %d of %d failed: %s: %s", comm.rank, comm.world_size, type(e).__name__, e,
                   exc_info=comm.world_size > 1)
         if comm.world_size > 1:

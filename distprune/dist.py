@@ -7,10 +7,13 @@ path serves one process and many.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -225,7 +228,73 @@ def init(timeout_s: float = 600.0, device: str = "auto") -> Comm:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return Comm(distributed=True)
+    comm = Comm(distributed=True)
+    _store_set(f"distprune/pid/{comm.rank}", f"{socket.gethostname()} {os.getpid()}")
+    return comm
+
+
+# What the ranks of a job tell each other through the launcher's store (it outlives them), so
+# that when a collective fails because a peer is gone, each survivor names that peer in one
+# line instead of a transport traceback: the rank that failed and why (``report_failure``),
+# or one whose process on this host is gone (killed, out of memory).
+
+
+def _store():
+    import torch.distributed as tdist
+
+    try:
+        return tdist.distributed_c10d._get_default_store() if tdist.is_initialized() else None
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def _store_set(key: str, value: str) -> None:
+    store = _store()
+    if store is not None:
+        with contextlib.suppress(Exception):  # a store that is gone: nobody to tell
+            store.set(key, value)
+
+
+def report_failure(comm: Comm, message: str) -> None:
+    """Tell the other ranks why this one fails (before it exits)."""
+    if comm.world_size > 1:
+        _store_set(f"distprune/failed/{comm.rank}", message)
+
+
+def failed_peer(comm: Comm) -> str | None:
+    """Which other rank failed, as far as this one can tell: one that reported why, or one
+    whose process on this host is gone; None when neither (this rank's own failure)."""
+    store = _store()
+    if store is None or comm.world_size == 1:
+        return None
+    try:
+        peers = [r for r in range(comm.world_size) if r != comm.rank]
+        for r in peers:
+            if store.check([f"distprune/failed/{r}"]):
+                return f"rank {r} failed: {store.get(f'distprune/failed/{r}').decode()}"
+        for r in peers:
+            if store.check([f"distprune/pid/{r}"]):
+                host, pid = store.get(f"distprune/pid/{r}").decode().rsplit(" ", 1)
+                if host == socket.gethostname() and not _alive(int(pid)):
+                    return f"rank {r} died (its process {pid} is gone: killed, or out of memory)"
+    except Exception:  # the store went away with the launcher
+        return None
+    return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host runs (a killed rank stays a zombie until torchrun reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def exiting() -> None:
+    """This process is on its way out, its cleanup done: a SIGTERM now (torchrun ends every
+    rank once one has failed) is ignored, not raised inside an atexit callback as noise."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Terminated(SystemExit):

@@ -138,11 +138,11 @@ def disk_sources(model: nn.Module, name: str, shape: tuple[int, ...], on_file: d
     return pieces if covered == experts * rows else None
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, with an error of the file system raised as the OSError it is
     (safetensors reports "No space left on device (os error 28)" in an error of its own)."""
     try:
-        save_file(tensors, path, metadata={"format": "pt"})
+        save_file(tensors, path, metadata=metadata or {"format": "pt"})
     except Exception as e:
         code = re.search(r"\(os error (\d+)\)", str(e))
         if code is None or isinstance(e, OSError):

@@ -112,6 +112,13 @@ def test_failing_rank_ends_all_ranks(tmp_path, mode):
     assert time.monotonic() - t0 < 120
     if mode == "raise":
         assert "rank 1 of 2 failed: RuntimeError: injected failure" in stderr
+    # the survivor names the rank that failed in one line, without the transport's traceback
+    survivor = [line for line in stderr.splitlines() if "distprune rank 0 ERROR" in line]
+    assert survivor == [survivor[0]] and survivor[0].endswith(
+        "rank 0 of 2 stops: rank 1 failed: RuntimeError: injected failure while masking" if mode == "raise" else
+        f"rank 0 of 2 stops: rank 1 died (its process {pidfile.read_text()} is gone: killed, or out of memory)"), stderr
+    if mode == "hang":  # no frame of ours in any traceback, and no noise from the launcher's SIGTERM
+        assert f'File "{HERE.parent / "distprune"}' not in stderr and "Exception ignored" not in stderr, stderr
     assert "rank: 1" in stderr or "local_rank: 1" in stderr  # torchrun's summary names it too
     assert list(out.iterdir()) == []  # no output, not even a temporary directory
 

@@ -331,14 +331,28 @@ def test_a_windows_cache_of_the_wrong_shape_is_resampled_to_the_same_model(tiny,
                                                                        ).read_bytes()
 
 
-def test_a_cache_that_cannot_be_written_is_a_warning(tiny, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("problem", ["read-only", "full"])
+def test_a_cache_that_cannot_be_written_is_a_warning(tiny, tmp_path, monkeypatch, caplog, problem):
+    import distprune.writer as writer
     from distprune.cli import run
 
     cfg = cache_job(tiny, tmp_path, monkeypatch, "out")
-    monkeypatch.setenv("DISTPRUNE_CACHE", "/proc/distprune-cache")  # read-only: nothing can be made there
+    if problem == "read-only":
+        monkeypatch.setenv("DISTPRUNE_CACHE", "/proc/distprune-cache")  # nothing can be made there
+    else:  # the disk fills up while the statistics are written (safetensors says so in an error of its own)
+        save = writer.save_file
+
+        def full(tensors, path, metadata=None):
+            if str(tmp_path / "cache") in str(path):
+                raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+            save(tensors, path, metadata=metadata)
+
+        monkeypatch.setattr(writer, "save_file", full)
     report = run(cfg)
     assert report["stats_cache"] == "miss" and (tmp_path / "out" / "model.safetensors").is_file()
-    assert "cache: cannot write /proc/distprune-cache/" in caplog.text
+    where = "/proc/distprune-cache/" if problem == "read-only" else str(tmp_path / "cache" / "stats")
+    assert f"cache: cannot write {where}" in caplog.text
+    assert problem == "read-only" or "(No space left on device); the job goes on without it" in caplog.text
 
 
 def test_checks_that_need_no_weights_come_before_the_weights(base, tmp_path, monkeypatch):

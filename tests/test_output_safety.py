@@ -91,6 +91,7 @@ def test_sigterm_mid_save_removes_the_temporary_directory(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "distprune: terminated (SIGTERM)"  # one line, like Ctrl-C's
     assert list(out.parent.iterdir()) == []
 
 
