@@ -6,6 +6,7 @@ weights and perplexity as with the default device left alone."""
 
 import pytest
 import torch
+from conftest import TINY
 
 from distprune import PruneConfig, prune
 from distprune.api import calibrate_and_prune
@@ -13,8 +14,6 @@ from distprune.config import ModelConfig
 from distprune.models import load, prunable_layers
 from distprune.perplexity import blockwise_perplexity, perplexity
 from distprune.stats import LayerStats
-
-from conftest import TINY
 
 WINDOWS = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
 
