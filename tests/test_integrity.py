@@ -250,7 +250,8 @@ def test_out_of_memory_is_one_line_with_what_helps(tmp_path):
     code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
             "sys.argv = ['distprune', *sys.argv[1:]]; runpy.run_module('distprune', run_name='__main__')")
     p = subprocess.run([sys.executable, "-c", code, "model=tiny-llama", "model.random.vocab_size=33554432",
-                        "prune=magnitude", "save=false", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                        "prune=magnitude", "save=false", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr
     last = p.stderr.strip().splitlines()[-1]
     assert "out of memory while loading the model (" in last and "torchrun --nproc_per_node N" in last, p.stderr
