@@ -8,7 +8,7 @@ memory, two MoE families, on tiny random models (a few minutes on a 2-core CPU).
 
 For each job: the SHA-256 of every file of the checkpoint but the report, and of the report
 with what may differ between two runs of the same code removed (timings, memory peaks, bytes
-read from the disk, paths). Writes OUT/hashes.json and prints it.
+read from the disk, paths; any key with "seconds" in it). Writes OUT/hashes.json and prints it.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ JOBS = [
                                                  "model.stream=false"]),
     ("qwen3_moe-magnitude-2r", 2, "qwen3_moe", ["prune=magnitude", "prune.scope=layer"]),
 ]
-VARIES = ("seconds", "peak_rss_gib", "peak_rss_gib_per_rank", "peak_gpu_gib", "disk_read_bytes_per_rank")
+VARIES = ("peak_rss_gib", "peak_rss_gib_per_rank", "peak_gpu_gib", "disk_read_bytes_per_rank")
 
 
 def checkpoint(family: str, out: Path) -> Path:
@@ -71,7 +71,7 @@ def checkpoint(family: str, out: Path) -> Path:
 def stable(value, out: Path):
     """The report without what differs between runs of the same code."""
     if isinstance(value, dict):
-        return {k: stable(v, out) for k, v in value.items() if k not in VARIES}
+        return {k: stable(v, out) for k, v in value.items() if k not in VARIES and "seconds" not in k}
     if isinstance(value, list):
         return [stable(v, out) for v in value]
     if isinstance(value, str):
@@ -106,7 +106,9 @@ def main() -> None:
         if a.only and name not in a.only:
             continue
         hashes[name] = run(name, ranks, family, settings, out)
-        print(name, hashes[name]["model.safetensors"][:16], hashes[name]["report"][:16], flush=True)
+        weights = hashlib.sha256("".join(v for k, v in sorted(hashes[name].items()) if k.endswith(".safetensors"))
+                                 .encode()).hexdigest()
+        print(f"{name:36s} weights {weights[:16]}  report {hashes[name]['report'][:16]}", flush=True)
     (out / "hashes.json").write_text(json.dumps(hashes, indent=2, sort_keys=True) + "\n")
 
 
