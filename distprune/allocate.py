@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from distprune.dist import SINGLE, Comm
-from distprune.models import PrunableLayer
+from distprune.layers import PrunableLayer
 from distprune.select import ScoreStream, TieBudget, select, target_count
 
 ALLOCATIONS = ("uniform", "owl", "global")

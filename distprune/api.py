@@ -13,8 +13,8 @@ from torch import nn
 from distprune import allocate, methods, stats
 from distprune.config import ConfigError, PruneConfig
 from distprune.dist import SINGLE, Comm, batch_share
+from distprune.layers import PrunableLayer, broadcast_weight, prunable_layers, weights_to
 from distprune.masks import GroupsResult, LayerResult, prune_groups, write_solved
-from distprune.models import PrunableLayer, broadcast_weight, prunable_layers, weights_to
 from distprune.progress import progress
 from distprune.stream import IN_MEMORY, InMemory, Streamed
 

@@ -21,10 +21,33 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from distprune import cache, checkpoint, data, dist, models, stats, summarize, sweep, writer, zeroshot
+from distprune import (
+    cache,
+    checkpoint,
+    data,
+    dist,
+    models,
+    plan,
+    sources,
+    stats,
+    summarize,
+    sweep,
+    writer,
+    zeroshot,
+)
 from distprune.api import PruneResult, calibrate_and_prune, prune
 from distprune.config import Config, ConfigError, ModelConfig, register_configs
 from distprune.dist import SINGLE, Comm
+from distprune.layers import (
+    Coverage,
+    PrunableLayer,
+    broadcast_weight,
+    decoder_blocks,
+    describe,
+    outside_keys,
+    prunable_layers,
+    weights_to,
+)
 from distprune.perplexity import blockwise_perplexity
 from distprune.select import NonFiniteScoreError
 from distprune.stream import move
@@ -129,16 +152,16 @@ def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[mod
             shards: list[set[str]] = []  # each rank's layers
 
             def wanted(model) -> set[str]:  # the tensors outside the blocks: rank 0 reads them, sends them below
-                shards.extend(models.shard_keys(model, cfg.prune.include, cfg.prune.exclude, comm.world_size, forward))
+                shards.extend(plan.shard_keys(model, cfg.prune.include, cfg.prune.exclude, comm.world_size, forward))
                 keys = shards[comm.rank]
-                return keys | models.outside_keys(model) if forward and comm.is_main else keys
+                return keys | outside_keys(model) if forward and comm.is_main else keys
 
             found = models.load_streamed(cfg.model, wanted)
             if found is not None:
                 loaded, nbytes = found
                 if comm.world_size > 1:  # blocks travel between ranks, not from disk
                     if forward:
-                        loaded.stream.keep_from(comm, models.outside_keys(loaded.model), 0)
+                        loaded.stream.keep_from(comm, outside_keys(loaded.model), 0)
                     loaded.stream.share(comm, shards)
                 return loaded, {"mode": "streamed", "bytes_per_rank": comm.all_gather_ints(nbytes)}
         return models.load(cfg.model, "cpu"), {"mode": "full"}
@@ -152,9 +175,9 @@ def sampled_windows_file(cfg: Config, device: str) -> tuple[Path, dict]:
     """Where calib=self keeps the windows it sampled, and what they were made for: keyed
     like the statistics, by the model, the sampling settings and the device type (its
     arithmetic picks the tokens)."""
-    fields = {"model": models.fingerprint(cfg.model), "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
+    fields = {"model": sources.fingerprint(cfg.model), "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
               "seed": cfg.calib.seed, "device": torch.device(device).type, "sampler": data.SAMPLER_VERSION}
-    return models.cache_dir() / "windows" / f"{stats.cache_key(fields)}.safetensors", fields
+    return cache.cache_dir() / "windows" / f"{stats.cache_key(fields)}.safetensors", fields
 
 
 def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: str, comm: Comm,
@@ -165,7 +188,7 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
     Records in ``seconds`` how long the calibration windows took to make (sampling them,
     for calib=self), a part of the statistics phase."""
     if not cfg.prune.spec.calibrated:
-        models.weights_to(own, device)
+        weights_to(own, device)
         return prune(loaded.model, cfg.prune, layers=own, comm=comm)
     model = loaded.model
 
@@ -196,9 +219,9 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
 
     cache_file, fields = None, None
     if cfg.calib.cache and (cfg.prune.resolved_mode == "oneshot" or cfg.prune.allocation != "uniform"):
-        fields = {"model": models.fingerprint(cfg.model), "calib": calibration_source_fields(cfg),
+        fields = {"model": sources.fingerprint(cfg.model), "calib": calibration_source_fields(cfg),
                   "layers": [layer.name for layer in layers]}
-        cache_file = models.cache_dir() / "stats" / f"{stats.cache_key(fields)}.safetensors"
+        cache_file = cache.cache_dir() / "stats" / f"{stats.cache_key(fields)}.safetensors"
     move(model, "cpu")
     return calibrate_and_prune(model, cfg.prune, windows, device, layers, cfg.calib.batch_size,
                                cache_file, fields, comm, own=own, blocks_from=loaded.stream, moe_policy=cfg.calib.moe)
@@ -214,14 +237,14 @@ def disk_read_bytes() -> int:
     return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("read_bytes:")), 0)
 
 
-def from_owners(parts: list[list[models.PrunableLayer]], comm: Comm, delivered: set[str] = frozenset()
+def from_owners(parts: list[list[PrunableLayer]], comm: Comm, delivered: set[str] = frozenset()
                 ) -> Callable[[int], None] | None:
     """For a block-wise pass over the pruned model: before block i runs, every rank gets the
     pruned weights of block i's layers from the ranks that own them, except those whose
     tensors (``delivered``) the streamed model's block loads already bring from them."""
     if comm.world_size == 1:
         return None
-    by_block: dict[int, list[tuple[models.PrunableLayer, int]]] = {}
+    by_block: dict[int, list[tuple[PrunableLayer, int]]] = {}
     for rank, part in enumerate(parts):
         for layer in part:
             if layer.key not in delivered:
@@ -229,7 +252,7 @@ def from_owners(parts: list[list[models.PrunableLayer]], comm: Comm, delivered: 
 
     def share(i: int) -> None:
         for layer, rank in by_block.get(i, []):
-            models.broadcast_weight(comm, layer, rank)
+            broadcast_weight(comm, layer, rank)
 
     return share
 
@@ -251,32 +274,32 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     """Run one pruning job; returns the report. Raises ConfigError on bad input. Jobs of a
     sweep pass one SweepModels so that the model is loaded once."""
     cfg.check()
-    models.check_source(cfg.model)
+    sources.check_source(cfg.model)
     zeroshot.check(cfg.eval.tasks, cfg.eval.task_path)
     if cfg.prune.spec.calibrated:
         data.check_source(cfg.calib.source, "calib.source")
     if cfg.eval.source:
         data.check_source(cfg.eval.source, "eval.source")
-    out = checkpoint.check_output(cfg.output_dir, cfg.overwrite, models.input_dir(cfg.model),
-                                  models.output_bytes(cfg.model) if cfg.save else None)
+    out = checkpoint.check_output(cfg.output_dir, cfg.overwrite, sources.input_dir(cfg.model),
+                                  sources.output_bytes(cfg.model) if cfg.save else None)
     if not cfg.prune.spec.calibrated and cfg.prune.mode != "auto":
         log.warning("prune.mode=%s has no effect with prune.method=%s: it calibrates nothing", cfg.prune.mode,
                     cfg.prune.method)
     device = dist.device_of(comm, resolve_device(cfg.device))
     seconds: dict[str, float] = {}
-    models.check_context(models.model_config(cfg.model), windows_used(cfg))
+    sources.check_context(sources.model_config(cfg.model), windows_used(cfg))
     calib_text, windows = text_windows(cfg, seconds)
     disk_mark = disk_read_bytes()
 
     with phase(seconds, "load"):
         loaded, how = load_model(cfg, comm, shared)
         traffic_mark = loaded.stream.traffic()
-        coverage = models.Coverage()
-        layers = models.prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude, coverage)
-        parts = models.rank_parts(loaded.model, layers, comm.world_size, loaded.stream.streamed and forward_passes(cfg))
+        coverage = Coverage()
+        layers = prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude, coverage)
+        parts = plan.rank_parts(loaded.model, layers, comm.world_size, loaded.stream.streamed and forward_passes(cfg))
         if how["mode"] != "reused":  # a reused model is restored from weights checked before
             models.check_finite(loaded.model, cfg.model)
-    log.info("load: %s from %s (%s) in %.1fs", models.describe(loaded.model, layers), loaded.source, how["mode"],
+    log.info("load: %s from %s (%s) in %.1fs", describe(loaded.model, layers), loaded.source, how["mode"],
              seconds["load"])
     if comm.world_size > 1:
         log.info("ranks: %d, layers per rank %s", comm.world_size, [len(p) for p in parts])
@@ -368,7 +391,7 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         # rank 0 needs every pruned weight; the perplexity pass above already brought each block's
         if comm.world_size > 1 and not cfg.eval.source:
             share = from_owners(parts, comm)
-            for i in range(len(models.decoder_blocks(loaded.model))):
+            for i in range(len(decoder_blocks(loaded.model))):
                 share(i)
         with phase(seconds, "zeroshot"):
             scores["pruned"] = comm.on_main(lambda: zeroshot.on_device(loaded.model, loaded.tokenizer, cfg.eval,
@@ -405,9 +428,9 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
         with phase(seconds, "save"):
             if cfg.save:
                 if comm.world_size > 1:
-                    models.share_split(parts, comm)
+                    plan.share_split(parts, comm)
                 writer.write_checkpoint(tmp, loaded.model, loaded.tokenizer, cfg.max_shard_size,
-                                        models.writer_parts(parts), comm, loaded.stream.read)
+                                        plan.writer_parts(parts), comm, loaded.stream.read)
         if cfg.eval.tasks and not resident:  # from the checkpoint just written
             comm.barrier()
             with phase(seconds, "zeroshot"):
@@ -588,16 +611,16 @@ def run_eval(cfg: Config) -> dict:
     if not cfg.eval.source and not cfg.eval.tasks:
         raise ConfigError("eval.source is not set and eval.tasks is empty: pass eval=wikitext2-local (or "
                           "eval.source=FILE), eval.tasks=[...], or both")
-    models.check_source(cfg.model)
+    sources.check_source(cfg.model)
     zeroshot.check(cfg.eval.tasks, cfg.eval.task_path)
     if cfg.eval.source:
         data.check_source(cfg.eval.source, "eval.source")
     t0 = time.perf_counter()
     if cfg.eval.source:  # before the weights
-        models.check_context(models.model_config(cfg.model), {"eval.seqlen": cfg.eval.seqlen})
+        sources.check_context(sources.model_config(cfg.model), {"eval.seqlen": cfg.eval.seqlen})
     windows = eval_windows(cfg, models.load_tokenizer(cfg.model)) if cfg.eval.source else None
     # zero-shot runs the whole model: a streamed load holds only what perplexity needs at once
-    found = models.load_streamed(cfg.model, models.outside_keys) if cfg.model.stream and not cfg.eval.tasks else None
+    found = models.load_streamed(cfg.model, outside_keys) if cfg.model.stream and not cfg.eval.tasks else None
     loaded = found[0] if found is not None else models.load(cfg.model, "cpu")
     models.check_finite(loaded.model, cfg.model)
     device = resolve_device(cfg.device)

@@ -142,7 +142,7 @@ def lib() -> ctypes.CDLL | None:
 def _build() -> Path:
     """Compile SOURCE into the cache (once: the file is named by the source's hash), with a
     temporary file and a rename, so that ranks compiling at once never load half a file."""
-    from distprune.models import cache_dir
+    from distprune.cache import cache_dir
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:

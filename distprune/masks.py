@@ -14,7 +14,7 @@ import torch
 
 from distprune import allocate
 from distprune.dist import SINGLE, Comm
-from distprune.models import PrunableLayer
+from distprune.layers import PrunableLayer
 from distprune.progress import progress
 from distprune.select import (
     ScoreStream,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distprune.dist import SINGLE, Comm, batch_share
-from distprune.models import decoder_blocks
+from distprune.layers import decoder_blocks
 from distprune.progress import progress
 from distprune.stats import StandIn, capture_block_inputs, run_block
 from distprune.stream import IN_MEMORY, InMemory, Streamed, move

@@ -30,7 +30,7 @@ from torch import nn
 
 from distprune import cache, moe
 from distprune.dist import SINGLE, Comm
-from distprune.models import PrunableLayer, decoder_blocks
+from distprune.layers import PrunableLayer, decoder_blocks
 from distprune.progress import progress
 from distprune.select import NonFiniteScoreError
 from distprune.stream import IN_MEMORY, InMemory, Streamed, move

@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from distprune import dist, summarize
 from distprune.config import EvalConfig, ModelConfig
-from distprune.models import LoadedModel, fingerprint, prunable_layers
+from distprune.layers import prunable_layers
+from distprune.models import LoadedModel
+from distprune.sources import fingerprint
 from distprune.stream import move
 
 log = logging.getLogger("distprune")

@@ -27,7 +27,8 @@ from alps_reference import reference  # noqa: E402
 
 from distprune import alps, data, sparsegpt, stats  # noqa: E402
 from distprune.config import ModelConfig  # noqa: E402
-from distprune.models import load, prunable_layers  # noqa: E402
+from distprune.layers import prunable_layers  # noqa: E402
+from distprune.models import load  # noqa: E402
 from distprune.select import scope_mask  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_select import machine, replace_section, reset_peak, rss_kib
 
-from distprune import models, writer
+from distprune import layers, models, plan, writer
 from distprune.config import ModelConfig
 
 
@@ -34,8 +34,8 @@ def child(args) -> None:
         loaded = models.load(cfg)
         nbytes = sum(t.numel() * t.element_size() for t in writer.unique_state_dict(loaded.model).values())
     else:
-        loaded, nbytes = models.load_streamed(cfg, lambda m: models.shard_keys(m, [], [], args.ws, False)[args.rank]
-                                              | models.outside_keys(m))
+        loaded, nbytes = models.load_streamed(cfg, lambda m: plan.shard_keys(m, [], [], args.ws, False)[args.rank]
+                                              | layers.outside_keys(m))
     for t in loaded.model.state_dict().values():  # page in what was loaded, as pruning or saving would
         if not t.is_meta:
             t.float().sum()

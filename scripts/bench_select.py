@@ -165,7 +165,7 @@ def dist_child(args) -> None:
     from types import SimpleNamespace
 
     from distprune import dist
-    from distprune.models import partition
+    from distprune.plan import partition
 
     comm = dist.init()
     weights, norms = make_weights(args.shapes, args.blocks)

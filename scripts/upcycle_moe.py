@@ -57,8 +57,9 @@ def upcycle(dense, experts: int, top_k: int, noise: float, router_std: float, se
 
 
 def main() -> None:
+    from distprune.cache import cache_dir
     from distprune.config import ModelConfig
-    from distprune.models import cache_dir, load
+    from distprune.models import load
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="?", type=Path, default=None, help="output directory "

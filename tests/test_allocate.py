@@ -20,7 +20,8 @@ from distprune import PruneConfig, prune, stats
 from distprune.allocate import Entry, exact, global_budgets, normalized, owl, uniform
 from distprune.api import calibrate_and_prune
 from distprune.config import ConfigError, ModelConfig
-from distprune.models import PrunableLayer, load, prunable_layers
+from distprune.layers import PrunableLayer, prunable_layers
+from distprune.models import load
 from distprune.select import target_count
 
 

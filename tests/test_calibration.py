@@ -17,7 +17,8 @@ from distprune.api import calibrate_and_prune
 from distprune.cli import run
 from distprune.config import CalibConfig, ConfigError, EvalConfig, ModelConfig
 from distprune.data import calibration_windows, random_windows, read_text, self_windows, sequential_windows
-from distprune.models import load, prunable_layers
+from distprune.layers import prunable_layers
+from distprune.models import load
 from distprune.perplexity import perplexity
 
 

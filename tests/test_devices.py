@@ -11,7 +11,8 @@ from conftest import TINY
 from distprune import PruneConfig, prune
 from distprune.api import calibrate_and_prune
 from distprune.config import ModelConfig
-from distprune.models import load, prunable_layers
+from distprune.layers import prunable_layers
+from distprune.models import load
 from distprune.perplexity import blockwise_perplexity, perplexity
 from distprune.stats import LayerStats
 

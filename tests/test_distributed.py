@@ -16,7 +16,7 @@ from ranks import jobs, why
 from ranks import run as ranks_run
 from safetensors.torch import load_file
 
-from distprune.models import partition
+from distprune.plan import partition
 
 HERE = Path(__file__).resolve().parent
 JOBS = ["prune.method=magnitude,wanda", "prune.scope=global,layer,row,nm", "prune.mode=oneshot",

@@ -250,7 +250,7 @@ def test_truncated_safetensors_is_named(tiny, tmp_path, keep):
 def test_cut_gguf_is_named(tmp_path):
     import importlib.util
 
-    from distprune.models import BUILTIN
+    from distprune.sources import BUILTIN
 
     spec = BUILTIN["smollm2-135m"]
     gguf = Path(importlib.util.find_spec(spec["package"]).submodule_search_locations[0]) / spec["file"]
@@ -285,7 +285,7 @@ def test_non_finite_statistics_are_named_and_never_cached(tiny, tmp_path):
     whose inputs are non-finite, and nothing reaches the cache."""
     from distprune import stats
     from distprune.api import calibrate_and_prune
-    from distprune.models import prunable_layers
+    from distprune.layers import prunable_layers
 
     model = load(tiny().model).model
     with torch.no_grad():

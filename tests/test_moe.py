@@ -16,7 +16,8 @@ from distprune import moe, stats
 from distprune.api import calibrate_and_prune
 from distprune.api import prune as api_prune
 from distprune.config import ConfigError, ModelConfig, PruneConfig
-from distprune.models import Coverage, load, prunable_layers
+from distprune.layers import Coverage, prunable_layers
+from distprune.models import load
 from distprune.select import rows_mask
 from distprune.writer import write_checkpoint
 
@@ -309,7 +310,8 @@ def test_a_streamed_checkpoint_in_per_expert_layout_reads_what_from_pretrained_l
     tensors under their names on disk): block by block, the tensors from_pretrained builds."""
     from transformers import AutoModelForCausalLM
 
-    from distprune.models import load_streamed, shard_keys
+    from distprune.models import load_streamed
+    from distprune.plan import shard_keys
 
     load(family(name)).model.save_pretrained(tmp_path)
     full = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -380,7 +382,7 @@ def rank_runs(tmp_path_factory):
     named = {f"{m}-{s}-sequential": [f"prune.method={m}", f"prune.scope={s}", "prune.mode=sequential", *evaluated]
              for m in ("wanda", "sparsegpt") for s in ("row", "nm")}
     # oneshot and no evaluation: no pass sends the pruned views to every rank, so a fused
-    # tensor cut between ranks reaches its writer only through models.share_split
+    # tensor cut between ranks reaches its writer only through plan.share_split
     named["wanda-row-oneshot"] = ["prune.method=wanda", "prune.scope=row", "prune.mode=oneshot"]
     done = {}
     for ranks in (1, 2, 3):
@@ -516,7 +518,8 @@ def test_experts_read_one_at_a_time_give_the_same_statistics(tmp_path, name, pol
     """A statistics pass over a streamed model whose experts this rank does not hold reads
     them one expert at a time (stats._streamed_experts): the statistics are bit for bit
     those of the model in memory, and no fused experts tensor is ever materialized."""
-    from distprune.models import load_streamed, outside_keys
+    from distprune.layers import outside_keys
+    from distprune.models import load_streamed
 
     loaded = load(family(name))
     loaded.model.save_pretrained(tmp_path / name)

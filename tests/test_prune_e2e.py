@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from distprune import PruneConfig, prune
 from distprune.checkpoint import REPORT
 from distprune.cli import run
-from distprune.models import load, prunable_layers
+from distprune.layers import prunable_layers
+from distprune.models import load
 from distprune.select import target_count
 from distprune.stats import LayerStats
 from distprune.writer import write_checkpoint

@@ -16,7 +16,7 @@ from distprune.models import load
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKED = {"bench_select.py", "bench_load.py", "bench_sample.py", "bench_solve.py", "results.py", "gpu_check.sh",
-          "make_checkpoint.py", "upcycle_moe.py", "alps_layers.py", "rank_invariance.py"}
+          "make_checkpoint.py", "upcycle_moe.py", "alps_layers.py", "rank_invariance.py", "reshape_check.py"}
 
 
 def script(tmp_path, *args, env=None, timeout=600):
@@ -150,3 +150,13 @@ def test_gpu_check_smoke(tmp_path):
     assert (tmp_path / "out" / "BENCHMARKS.md").is_file()
     assert (tmp_path / "out" / "e2e" / "distprune_report.json").is_file()
     assert "pruned 0.5 raised percdamp {}" in p.stdout  # sparsegpt 2:4 on the included blocks
+
+
+def test_reshape_check_hashes_the_same_jobs_the_same(tmp_path):
+    """Two runs of one commit give the same hashes (timings and paths left out), for a job
+    in one process and one over 2 ranks."""
+    jobs = ["magnitude-row", "magnitude-global-2r"]
+    runs = [json.loads((script(tmp_path, "reshape_check.py", str(tmp_path / run), "--only", *jobs)
+                        and tmp_path / run / "hashes.json").read_text()) for run in ("a", "b")]
+    assert sorted(runs[0]) == sorted(jobs) and runs[0] == runs[1]
+    assert {"config.json", "report"} <= set(runs[0]["magnitude-row"])

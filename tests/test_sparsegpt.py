@@ -13,7 +13,8 @@ from test_distributed import launch, tensors
 from distprune import PruneConfig, prune, scores, sparsegpt, stats
 from distprune.api import calibrate_and_prune
 from distprune.config import ModelConfig
-from distprune.models import load, prunable_layers
+from distprune.layers import prunable_layers
+from distprune.models import load
 from distprune.select import target_count
 
 
@@ -106,7 +107,7 @@ def test_solve_prunes_exact_counts_and_reconstructs_better_than_masking(scope, s
     cfg = PruneConfig(method="wanda", scope=scope, sparsity=sparsity)
     layer = torch.nn.Linear(cols, rows, bias=False)
     layer.weight.data = w.clone()
-    from distprune.models import PrunableLayer
+    from distprune.layers import PrunableLayer
 
     norms = {"l": stats.LayerStats.from_norms(x.norm(dim=0))}
     prune(torch.nn.Module(), cfg, norms, layers=[PrunableLayer("l", layer, 0, False)], show_progress=False)

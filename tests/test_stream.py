@@ -16,7 +16,8 @@ from ranks import jobs
 from ranks import run as ranks_run
 
 from distprune.config import ModelConfig
-from distprune.models import decoder_blocks, load, load_streamed, outside_keys, prunable_layers
+from distprune.layers import decoder_blocks, outside_keys, prunable_layers
+from distprune.models import load, load_streamed
 from distprune.perplexity import blockwise_perplexity, perplexity
 
 ARCHS = ["llama", "gpt2"]  # gpt2: Conv1D, biases, tied lm_head, learned positions
