@@ -33,8 +33,6 @@ from distprune.dist import SINGLE, Comm
 from distprune.layers import PrunableLayer
 from distprune.select import ScoreStream, TieBudget, select, target_count
 
-ALLOCATIONS = ("uniform", "owl", "global")
-NORMALIZE = ("none", "layer", "row")
 TINY = torch.finfo(torch.float32).tiny  # a mean of 0 divides 0 scores: 0 / tiny = 0
 
 

@@ -115,7 +115,7 @@ def prune(model: nn.Module, config: PruneConfig | dict | None = None, statistics
     """
     cfg = config if isinstance(config, PruneConfig) else PruneConfig(**(config or {}))
     cfg.check()
-    method = cfg.spec
+    method = methods.of(cfg)
     layers = layers if layers is not None else prunable_layers(model, cfg.include, cfg.exclude)
     if method.calibrated:
         missing = [layer.name for layer in layers if statistics is None or layer.name not in statistics]
@@ -189,7 +189,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
     on the meta device, streamed).
     """
     config.check()
-    method = config.spec
+    method = methods.of(config)
     layers = layers if layers is not None else prunable_layers(model, config.include, config.exclude)
     check_groups(layers, config)
     own = own if own is not None else layers
@@ -299,7 +299,7 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
     saving and evaluation need them anyway). oneshot takes every statistic from the
     dense model, sequential from the outputs of the pruned blocks before. No rank holds
     more than one block's statistics."""
-    method, mode = config.spec, config.resolved_mode
+    method, mode = methods.of(config), config.resolved_mode
     acc = method.statistic(layers, comm)
     solved: list[tuple[int, LayerResult]] = []  # (index in layers, result) of the layers this rank solved
     details: dict[str, dict] = {}

@@ -48,6 +48,7 @@ from distprune.layers import (
     prunable_layers,
     weights_to,
 )
+from distprune.methods import of
 from distprune.perplexity import blockwise_perplexity
 from distprune.select import NonFiniteScoreError
 from distprune.stream import move
@@ -105,7 +106,7 @@ def text_windows(cfg: Config, seconds: dict) -> tuple[torch.Tensor | None, torch
     weight loads, with the tokenizer loaded on its own: a model without a tokenizer, or a
     text too short for the windows asked, stops the job before its work. None where the
     job reads no text (calib=self and calib.source=random need the model)."""
-    calib_text = cfg.prune.spec.calibrated and cfg.calib.source not in ("self", "random")
+    calib_text = of(cfg.prune).calibrated and cfg.calib.source not in ("self", "random")
     if not (calib_text or cfg.eval.source or cfg.eval.tasks):
         return None, None
     tokenizer = models.load_tokenizer(cfg.model)
@@ -129,13 +130,13 @@ def streams(cfg: Config) -> bool:
     """Whether this job reads decoder blocks from the checkpoint when it needs them:
     model.stream, unless calibration samples from the model itself (generation runs the
     whole model)."""
-    return cfg.model.stream and not (cfg.prune.spec.calibrated and cfg.calib.source == "self")
+    return cfg.model.stream and not (of(cfg.prune).calibrated and cfg.calib.source == "self")
 
 
 def forward_passes(cfg: Config) -> bool:
     """Whether the job runs the model (calibration, evaluation): a streamed load then gives
     rank 0 the tensors outside the decoder blocks to read and send (``load_model``)."""
-    return cfg.prune.spec.calibrated or bool(cfg.eval.source)
+    return of(cfg.prune).calibrated or bool(cfg.eval.source)
 
 
 def load_model(cfg: Config, comm: Comm, shared: SweepModels | None) -> tuple[models.LoadedModel, dict]:
@@ -187,7 +188,7 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
     calibration windows of a text source (``text_windows``); the others are made here.
     Records in ``seconds`` how long the calibration windows took to make (sampling them,
     for calib=self), a part of the statistics phase."""
-    if not cfg.prune.spec.calibrated:
+    if not of(cfg.prune).calibrated:
         weights_to(own, device)
         return prune(loaded.model, cfg.prune, layers=own, comm=comm)
     model = loaded.model
@@ -266,7 +267,7 @@ def gather_layers(result: PruneResult, comm: Comm) -> None:
 
 def windows_used(cfg: Config) -> dict[str, int]:
     """The window lengths this job runs through the model."""
-    used = {"calib.seqlen": cfg.calib.seqlen} if cfg.prune.spec.calibrated else {}
+    used = {"calib.seqlen": cfg.calib.seqlen} if of(cfg.prune).calibrated else {}
     return {**used, **({"eval.seqlen": cfg.eval.seqlen} if cfg.eval.source else {})}
 
 
@@ -276,13 +277,13 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     cfg.check()
     sources.check_source(cfg.model)
     zeroshot.check(cfg.eval.tasks, cfg.eval.task_path)
-    if cfg.prune.spec.calibrated:
+    if of(cfg.prune).calibrated:
         data.check_source(cfg.calib.source, "calib.source")
     if cfg.eval.source:
         data.check_source(cfg.eval.source, "eval.source")
     out = checkpoint.check_output(cfg.output_dir, cfg.overwrite, sources.input_dir(cfg.model),
                                   sources.output_bytes(cfg.model) if cfg.save else None)
-    if not cfg.prune.spec.calibrated and cfg.prune.mode != "auto":
+    if not of(cfg.prune).calibrated and cfg.prune.mode != "auto":
         log.warning("prune.mode=%s has no effect with prune.method=%s: it calibrates nothing", cfg.prune.mode,
                     cfg.prune.method)
     device = dist.device_of(comm, resolve_device(cfg.device))

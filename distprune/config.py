@@ -11,13 +11,25 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from distprune.allocate import ALLOCATIONS, NORMALIZE
 from distprune.errors import ConfigError
-from distprune.masks import SCOPES
-from distprune.methods import METHODS, OPTIONS, REFIT_OPTIONS, Method, of
-from distprune.select import SELECTORS
 
 __all__ = ["CalibConfig", "Config", "ConfigError", "EvalConfig", "ModelConfig", "PruneConfig", "register_configs"]
+# The names the settings take, and what each method reads: plain data, so that this module
+# imports nothing of the package (every other module may import it). The registries that
+# implement them (methods.METHODS, masks, select, allocate) dispatch on these names;
+# tests/test_imports.py holds the two against each other.
+METHOD_NAMES = ("magnitude", "wanda", "ria", "sparsegpt", "alps")
+SOLVES = ("sparsegpt", "alps")  # methods whose solve chooses the mask and new weights (no scores)
+SCOPES = ("global", "layer", "row", "nm")
+SELECTORS = ("radix", "search", "sort")
+ALLOCATIONS = ("uniform", "owl", "global")
+NORMALIZE = ("none", "layer", "row")
+SOLVE_SCOPES = ("layer", "row", "nm")  # a solve works on one layer at a time
+# the settings only some methods read (the rest of PruneConfig is every method's)
+METHOD_OPTIONS = {"magnitude": (), "wanda": (), "ria": ("ria_a",), "sparsegpt": ("percdamp", "blocksize"),
+                  "alps": ("percdamp", "alps_rho", "alps_update_iter", "alps_max_iter", "refit_iters")}
+REFIT_OPTIONS = ("percdamp", "refit_iters")  # what prune.refit=true reads, whatever the method
+OPTIONS = tuple(dict.fromkeys(o for options in METHOD_OPTIONS.values() for o in options))
 MODES = ("auto", "oneshot", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -92,16 +104,27 @@ class PruneConfig:
         return "row" if self.scope == "global" or self.allocation == "global" else "none"
 
     @property
-    def spec(self) -> Method:
-        """The method as this config runs it (methods.of)."""
-        return of(self)
+    def solves(self) -> bool:
+        """Whether the method runs as a solve (its own, or its mask followed by the refit)."""
+        return self.method in SOLVES or self.refit
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The scopes the method supports as this config runs it."""
+        return SOLVE_SCOPES if self.solves else SCOPES
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The method-specific settings it reads (``METHOD_OPTIONS``; the refit's too)."""
+        own = METHOD_OPTIONS[self.method]
+        return tuple(dict.fromkeys((*own, *REFIT_OPTIONS))) if self.refit else own
 
     @property
     def selector_name(self) -> str:
         """The selector this scope uses, as reports name it: row and N:M groups are always
         selected with an exact per-group kthvalue; a solve chooses its mask itself, block
         of columns by block."""
-        if self.spec.solve is not None:
+        if self.solves:
             return f"{self.method}{'+refit' * self.refit}-{self.scope}"
         return f"{self.scope}-kthvalue" if self.scope in ("row", "nm") else self.selector
 
@@ -112,7 +135,7 @@ class PruneConfig:
         return "oneshot" if self.scope == "global" else "sequential"
 
     def check(self) -> None:
-        _one_of("prune.method", self.method, tuple(METHODS))
+        _one_of("prune.method", self.method, METHOD_NAMES)
         _one_of("prune.scope", self.scope, SCOPES)
         _one_of("prune.selector", self.selector, SELECTORS)
         _one_of("prune.mode", self.mode, MODES)
@@ -147,11 +170,10 @@ class PruneConfig:
             raise ConfigError("prune.refit=true needs a per-layer scope (layer, row or nm): it refits each layer "
                               "on its own Hessian, one block at a time, and a global threshold needs every layer's "
                               "scores first; for global budgets use prune.allocation=global")
-        method = self.spec
-        if self.scope not in method.scopes:
+        if self.scope not in self.scopes:
             why = " (for global budgets use prune.allocation=global)" if self.scope == "global" else ""
             raise ConfigError(f"prune.method={self.method} does not support prune.scope={self.scope}{why}; use "
-                              f"{', '.join(method.scopes)}")
+                              f"{', '.join(self.scopes)}")
         if self.allocation != "uniform" and self.scope not in ("layer", "row"):
             why = ("N:M keeps the same ratio in every group of m" if self.scope == "nm" else
                    "one global threshold allocates by itself")
@@ -163,7 +185,7 @@ class PruneConfig:
             if not 0 <= self.owl_lambda <= most:
                 raise ConfigError(f"prune.owl_lambda={self.owl_lambda} is outside [0, {most:g}]: block sparsities "
                                   f"prune.sparsity={self.sparsity} +- owl_lambda must stay within [0, 1]")
-        if "blocksize" in method.options and self.scope == "nm" and self.blocksize % self.m:
+        if "blocksize" in self.options and self.scope == "nm" and self.blocksize % self.m:
             raise ConfigError(f"prune.blocksize={self.blocksize} is not a multiple of prune.m={self.m}: N:M groups "
                               "must not straddle two blocks of columns")
         self._check_effective()
@@ -172,15 +194,14 @@ class PruneConfig:
         """Refuse a setting that would be silently ignored in the chosen scope (a value
         other than its default that nothing reads)."""
         defaults = PruneConfig.__dataclass_fields__
-        method = self.spec
         for key in OPTIONS:
-            if key not in method.options and getattr(self, key) != defaults[key].default:
-                users = [name for name, m in METHODS.items() if key in m.options]
+            if key not in self.options and getattr(self, key) != defaults[key].default:
+                users = [name for name, options in METHOD_OPTIONS.items() if key in options]
                 also = " or prune.refit=true" if key in REFIT_OPTIONS else ""
                 raise ConfigError(f"prune.{key}={getattr(self, key)} has no effect with prune.method={self.method}: "
                                   f"it tunes prune.method={'/'.join(users)}{also}")
         picks = self.allocation == "global"  # the global budgets' threshold is selected with prune.selector
-        if method.solve is not None and not picks and self.selector != defaults["selector"].default:
+        if self.solves and not picks and self.selector != defaults["selector"].default:
             raise ConfigError(f"prune.selector={self.selector} has no effect with prune.method={self.method}: "
                               "its solve chooses the mask itself")
         if self.scope in ("row", "nm") and not picks and self.selector != defaults["selector"].default:

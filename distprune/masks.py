@@ -30,7 +30,6 @@ from distprune.select import (
 ScoreFn = Callable[[PrunableLayer], torch.Tensor]  # layer -> (out, in) scores
 RowsFn = Callable[[PrunableLayer, int, int], torch.Tensor]  # (layer, a, b) -> the scores of rows [a, b)
 # comparison groups: the whole model, a layer, an output row, m consecutive weights of a row
-SCOPES = ("global", "layer", "row", "nm")
 
 
 @dataclass

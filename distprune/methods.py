@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distprune import alps, scores, sparsegpt
-from distprune.masks import SCOPES
+from distprune.config import METHOD_OPTIONS, REFIT_OPTIONS, SCOPES, SOLVE_SCOPES
 from distprune.select import scope_mask
 from distprune.stats import ChannelSums, Hessians, LayerStats
 
@@ -48,28 +48,26 @@ class Method:
 METHODS: dict[str, Method] = {
     "magnitude": Method(None, score=lambda w, _st, _cfg: scores.magnitude(w), rowwise=True),
     "wanda": Method(ChannelSums, score=lambda w, st, _cfg: scores.wanda(w, st.norm()), rowwise=True),
-    "ria": Method(ChannelSums, score=lambda w, st, cfg: scores.ria(w, st.norm(), cfg.ria_a), options=("ria_a",)),
+    "ria": Method(ChannelSums, score=lambda w, st, cfg: scores.ria(w, st.norm(), cfg.ria_a),
+                  options=METHOD_OPTIONS["ria"]),
     # one mask for the whole model would need a solve of every layer at once; global budgets
     # (prune.allocation=global) give each layer its count instead. Its sparsity is allocated by
     # Wanda's scores of the dense model (its Hessian's diagonal holds the same channel norms).
     "sparsegpt": Method(lambda layers, comm: Hessians(layers, comm, sparsegpt.solve_cost),
                         solve=lambda w, h, cfg, k: sparsegpt.solve(w, h, k, cfg.scope, cfg.m, cfg.blocksize,
                                                                    cfg.percdamp),
-                        options=("percdamp", "blocksize"), scopes=("layer", "row", "nm"), allocation="wanda"),
+                        options=METHOD_OPTIONS["sparsegpt"], scopes=SOLVE_SCOPES, allocation="wanda"),
     # ALPS (alps.py): ADMM over the support, then the refit; distributed like sparsegpt
     "alps": Method(lambda layers, comm: Hessians(layers, comm, alps.solve_cost),
                    solve=lambda w, h, cfg, k: alps.solve(w, h, k, cfg.scope, cfg.m, cfg.alps_rho, cfg.alps_max_iter,
                                                          cfg.alps_update_iter, refit_iters=cfg.refit_iters,
                                                          percdamp=cfg.percdamp),
-                   options=("percdamp", "alps_rho", "alps_update_iter", "alps_max_iter", "refit_iters"),
-                   scopes=("layer", "row", "nm"), allocation="wanda"),
+                   options=METHOD_OPTIONS["alps"], scopes=SOLVE_SCOPES, allocation="wanda"),
 }
-OPTIONS = tuple(dict.fromkeys(o for method in METHODS.values() for o in method.options))  # method-specific keys
-REFIT_OPTIONS = ("percdamp", "refit_iters")  # what prune.refit=true reads, whatever the method
 
 
 def of(cfg: PruneConfig) -> Method:
-    """The method as ``cfg`` runs it (``PruneConfig.spec``): with ``prune.refit`` a solve
+    """The method as ``cfg`` runs it: with ``prune.refit`` a solve
     method whose solve is the method's own mask (its scores' selection, or its solve)
     followed by the refit of the kept weights on the layer's Hessian (alps.refit); it
     collects Hessians, is distributed like sparsegpt, and allocates by its own scores."""
@@ -78,7 +76,7 @@ def of(cfg: PruneConfig) -> Method:
         return method
     return Method(lambda layers, comm: Hessians(layers, comm, alps.refit_cost),
                   solve=lambda w, h, c, k: _refit(method, w, h, c, k),
-                  options=tuple(dict.fromkeys((*method.options, *REFIT_OPTIONS))), scopes=("layer", "row", "nm"),
+                  options=tuple(dict.fromkeys((*method.options, *REFIT_OPTIONS))), scopes=SOLVE_SCOPES,
                   allocation=method.allocation or cfg.method)
 
 

@@ -28,6 +28,7 @@ from typing import TypeVar
 import torch
 
 from distprune import kernels
+from distprune.config import SELECTORS
 from distprune.dist import SINGLE, Comm
 
 T = TypeVar("T")
@@ -107,7 +108,6 @@ class ScoreStream:
 # passes ran 1.1-1.3x faster and wanda passes 1.0-1.05x (bench_select, Llama-2-7B shapes)
 PIECE = 1 << 22
 
-SELECTORS = ("radix", "search", "sort")
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}  # same width
 BINS = 1 << 16
