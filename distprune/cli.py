@@ -7,12 +7,12 @@ import errno
 import json
 import logging
 import os
-import resource
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -28,6 +28,7 @@ from distprune import (
     dist,
     models,
     plan,
+    report,
     sources,
     stats,
     summarize,
@@ -55,7 +56,6 @@ from distprune.stream import move
 from distprune.sweep import SweepModels
 
 log = logging.getLogger("distprune")
-EMPTIED = 0.95  # a layer pruned past this fraction gets a warning that names it
 ALLOCATION_PNG = "allocation.png"  # a job whose layers lose different fractions: target sparsity per layer
 
 
@@ -228,16 +228,6 @@ def prune_model(cfg: Config, loaded: models.LoadedModel, layers, own, device: st
                                cache_file, fields, comm, own=own, blocks_from=loaded.stream, moe_policy=cfg.calib.moe)
 
 
-def disk_read_bytes() -> int:
-    """Bytes this process has read from storage (/proc/self/io read_bytes: page-cache misses);
-    0 where the system does not say."""
-    try:
-        text = Path("/proc/self/io").read_text()
-    except OSError:
-        return 0
-    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("read_bytes:")), 0)
-
-
 def from_owners(parts: list[list[PrunableLayer]], comm: Comm, delivered: set[str] = frozenset()
                 ) -> Callable[[int], None] | None:
     """For a block-wise pass over the pruned model: before block i runs, every rank gets the
@@ -271,9 +261,53 @@ def windows_used(cfg: Config) -> dict[str, int]:
     return {**used, **({"eval.seqlen": cfg.eval.seqlen} if cfg.eval.source else {})}
 
 
+@dataclass
+class Job:
+    """One pruning job's state as it goes through its stages (``run``)."""
+
+    cfg: Config
+    comm: Comm
+    shared: SweepModels | None
+    out: Path  # the output directory (checked)
+    device: str
+    seconds: dict[str, float]  # each phase's
+    calib_text: torch.Tensor | None  # the calibration windows of a text source, made before loading
+    windows: torch.Tensor | None  # the evaluation windows
+    disk_mark: int  # report.disk_read_bytes() before the load
+    loaded: models.LoadedModel | None = None
+    how: dict = field(default_factory=dict)  # how the model was loaded
+    coverage: Coverage = field(default_factory=Coverage)
+    layers: list[PrunableLayer] = field(default_factory=list)
+    parts: list[list[PrunableLayer]] = field(default_factory=list)  # each rank's layers
+    traffic_mark: tuple[int, int] = (0, 0)
+    ppl: dict[str, float] = field(default_factory=dict)  # "dense", "pruned"
+    scores: dict = field(default_factory=dict)  # zero-shot accuracies: "dense", "pruned"
+    sent: int = 0  # bytes this rank sent in statistics and selection collectives
+    result: PruneResult | None = None
+
+    @property
+    def resident(self) -> bool:
+        """Whether every rank holds the whole model (not streamed)."""
+        return not self.loaded.stream.streamed
+
+
 def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> dict:
     """Run one pruning job; returns the report. Raises ConfigError on bad input. Jobs of a
     sweep pass one SweepModels so that the model is loaded once."""
+    job = check(cfg, comm, shared)
+    build(job)
+    evaluate_dense(job)
+    prune_job(job)
+    evaluate_pruned(job)
+    result = report.build(job.cfg, job.comm, job.loaded, job.how, job.coverage, job.result, job.sent, job.ppl,
+                          job.seconds, job.device, job.traffic_mark, job.disk_mark)
+    save(job, result)
+    return result
+
+
+def check(cfg: Config, comm: Comm, shared: SweepModels | None) -> Job:
+    """Every check that needs no weights (the settings, the input, the output location, the
+    context), and the windows of the text sources: a job that cannot succeed stops here."""
     cfg.check()
     sources.check_source(cfg.model)
     zeroshot.check(cfg.eval.tasks, cfg.eval.task_path)
@@ -290,162 +324,112 @@ def run(cfg: Config, comm: Comm = SINGLE, shared: SweepModels | None = None) -> 
     seconds: dict[str, float] = {}
     sources.check_context(sources.model_config(cfg.model), windows_used(cfg))
     calib_text, windows = text_windows(cfg, seconds)
-    disk_mark = disk_read_bytes()
+    return Job(cfg, comm, shared, out, device, seconds, calib_text, windows, report.disk_read_bytes())
 
-    with phase(seconds, "load"):
-        loaded, how = load_model(cfg, comm, shared)
-        traffic_mark = loaded.stream.traffic()
-        coverage = Coverage()
-        layers = prunable_layers(loaded.model, cfg.prune.include, cfg.prune.exclude, coverage)
-        parts = plan.rank_parts(loaded.model, layers, comm.world_size, loaded.stream.streamed and forward_passes(cfg))
-        if how["mode"] != "reused":  # a reused model is restored from weights checked before
-            models.check_finite(loaded.model, cfg.model)
-    log.info("load: %s from %s (%s) in %.1fs", describe(loaded.model, layers), loaded.source, how["mode"],
-             seconds["load"])
+
+def build(job: Job) -> None:
+    """The model, its prunable layers and each rank's share of them."""
+    cfg, comm = job.cfg, job.comm
+    with phase(job.seconds, "load"):
+        job.loaded, job.how = load_model(cfg, comm, job.shared)
+        job.traffic_mark = job.loaded.stream.traffic()
+        job.layers = prunable_layers(job.loaded.model, cfg.prune.include, cfg.prune.exclude, job.coverage)
+        job.parts = plan.rank_parts(job.loaded.model, job.layers, comm.world_size,
+                                    job.loaded.stream.streamed and forward_passes(cfg))
+        if job.how["mode"] != "reused":  # a reused model is restored from weights checked before
+            models.check_finite(job.loaded.model, cfg.model)
+    log.info("load: %s from %s (%s) in %.1fs", describe(job.loaded.model, job.layers), job.loaded.source,
+             job.how["mode"], job.seconds["load"])
     if comm.world_size > 1:
-        log.info("ranks: %d, layers per rank %s", comm.world_size, [len(p) for p in parts])
-    resident = not loaded.stream.streamed  # every rank holds the whole model
-    if cfg.eval.tasks and not resident and not cfg.save:
+        log.info("ranks: %d, layers per rank %s", comm.world_size, [len(p) for p in job.parts])
+    if cfg.eval.tasks and not job.resident and not cfg.save:
         raise ConfigError("eval.tasks on a streamed model evaluates the written checkpoint: drop save=false, or pass "
                           "model.stream=false to hold the model in memory")
 
-    ppl = {}
+
+def evaluate_dense(job: Job) -> None:
+    """The dense model's perplexity and zero-shot accuracies (once per sweep)."""
+    cfg, comm, loaded, shared, seconds = job.cfg, job.comm, job.loaded, job.shared, job.seconds
     if cfg.eval.source and cfg.eval.dense:
         def dense() -> float:
             with phase(seconds, "eval_dense"):
-                return evaluate_ppl(cfg, loaded, windows, device, comm)
+                return evaluate_ppl(cfg, loaded, job.windows, job.device, comm)
 
-        ppl["dense"], reused = (shared.dense_result("perplexity", cfg.model, cfg.eval, dense) if shared
-                                else (dense(), False))
+        job.ppl["dense"], reused = (shared.dense_result("perplexity", cfg.model, cfg.eval, dense) if shared
+                                    else (dense(), False))
         if reused:
-            log.info("eval: dense perplexity %.3f (from an earlier job of this sweep)", ppl["dense"])
+            log.info("eval: dense perplexity %.3f (from an earlier job of this sweep)", job.ppl["dense"])
         else:
-            log.info("eval: dense perplexity %.3f on %s in %.1fs", ppl["dense"], cfg.eval.source,
+            log.info("eval: dense perplexity %.3f on %s in %.1fs", job.ppl["dense"], cfg.eval.source,
                      seconds["eval_dense"])
-
-    scores = {}  # zero-shot accuracies: "dense", "pruned"
     if cfg.eval.tasks and cfg.eval.dense:
         def dense_scores() -> dict:
             with phase(seconds, "zeroshot_dense"):
-                return comm.on_main(lambda: zeroshot.on_device(loaded.model, loaded.tokenizer, cfg.eval, device)
-                                    if resident else zeroshot.from_checkpoint(cfg.model, cfg.eval, device))
+                return comm.on_main(lambda: zeroshot.on_device(loaded.model, loaded.tokenizer, cfg.eval, job.device)
+                                    if job.resident else zeroshot.from_checkpoint(cfg.model, cfg.eval, job.device))
 
-        scores["dense"], reused = (shared.dense_result("zeroshot", cfg.model, cfg.eval, dense_scores) if shared
-                                   else (dense_scores(), False))
+        job.scores["dense"], reused = (shared.dense_result("zeroshot", cfg.model, cfg.eval, dense_scores) if shared
+                                       else (dense_scores(), False))
         if reused:
             log.info("zeroshot: dense accuracies from an earlier job of this sweep")
 
-    sent = comm.bytes_communicated  # count statistics and selection only: loading and evaluation gather too
+
+def prune_job(job: Job) -> None:
+    """Calibrate (when the method needs statistics) and prune this rank's layers; every
+    rank then holds every layer's result."""
+    sent = job.comm.bytes_communicated  # count statistics and selection only: loading and evaluation gather too
     STAGE[0] = "calibrating and pruning"
-    result = prune_model(cfg, loaded, layers, parts[comm.rank], device, comm, seconds, calib_text)
-    sent = comm.bytes_communicated - sent
-    gather_layers(result, comm)
-    if result.mode:
-        seconds["statistics"] = round(result.stats_seconds, 4)
-        log.info("statistics: %s, %d x %d tokens from %s, cache %s, in %.1fs", result.mode, cfg.calib.nsamples,
-                 cfg.calib.seqlen, cfg.calib.source, result.stats_cache, seconds["statistics"])
-    seconds.update({k: round(v, 4) for k, v in result.groups.seconds.items()})
-    summary = result.summary()
-    if result.solve is not None:
-        solve = result.solve
-        log.info("solve: %s %s scope, pruned %d of %d weights (%.4f, target %.4f); seconds per rank %s, %.1f MB moved "
-                 "per rank", cfg.prune.method, cfg.prune.scope, result.pruned, result.numel, summary["pruned_fraction"],
-                 cfg.prune.sparsity, solve["seconds_per_rank"],
-                 max(sum(b) for b in solve["bytes_per_block_per_rank"]) / 1e6)
-        for name, pd in solve["raised_percdamp"].items():
-            log.warning("solve: %s factorized only with dampening raised to %g", name, pd)
-    else:
-        log.info("score+select: %s %s scope, selector %s, %d passes in %.2fs", cfg.prune.method, cfg.prune.scope,
-                 summary["selector"], summary["selector_passes"], seconds["score+select"])
-        log.info("mask: pruned %d of %d weights (%.4f, target %.4f) in %.2fs", result.pruned, result.numel,
-                 summary["pruned_fraction"], cfg.prune.sparsity, seconds["mask"])
+    job.result = prune_model(job.cfg, job.loaded, job.layers, job.parts[job.comm.rank], job.device, job.comm,
+                             job.seconds, job.calib_text)
+    job.sent = job.comm.bytes_communicated - sent
+    gather_layers(job.result, job.comm)
+    report.record_pruning(job.cfg, job.result, job.seconds)
 
-    if "expert_weights" in summary:
-        ex, other = summary["expert_weights"], summary["other_weights"]
-        log.info("experts: %d matrices, %d of %d weights zero (%.4f); other layers %d of %d (%.4f); calib.moe=%s",
-                 ex["matrices"], ex["zeros"], ex["numel"], ex["sparsity"], other["zeros"], other["numel"],
-                 other["sparsity"], cfg.calib.moe)
-        if ex["without_tokens"]:
-            log.warning("experts: %d expert matrices saw no calibration token and were pruned by magnitude (first: "
-                        "%s); calib.moe=all sends every token to every expert", len(ex["without_tokens"]),
-                        ex["without_tokens"][0])
 
-    varied = cfg.prune.allocation != "uniform" or cfg.prune.scope == "global"  # per-layer sparsity differs
-    if varied:
-        spread = [r["target"] / r["numel"] for r in summary["layers"]]
-        log.info("allocation: %s (normalize %s), layer sparsity from %.4f to %.4f", cfg.prune.allocation
-                 if cfg.prune.scope != "global" else "global scope", cfg.prune.normalization, min(spread), max(spread))
-    emptied = [r for r in summary["layers"] if r["zeros"] > EMPTIED * r["numel"] and r["pruned"]]
-    if emptied:
-        worst = max(emptied, key=lambda r: r["zeros"] / r["numel"])
-        log.warning("%d layer(s) are more than %d%% zero, which breaks most models (the worst: %s, %.2f%%)%s",
-                    len(emptied), round(EMPTIED * 100), worst["name"], 100 * worst["zeros"] / worst["numel"],
-                    "; prune.normalize=row spreads a global threshold more evenly" if varied else "")
+def evaluate_pruned(job: Job) -> None:
+    """The pruned model's perplexity, and its zero-shot accuracies when it is in memory."""
+    cfg, comm, loaded = job.cfg, job.comm, job.loaded
     if cfg.eval.source:
-        with phase(seconds, "eval"):
-            ppl["pruned"] = evaluate_ppl(cfg, loaded, windows, device, comm,
-                                         from_owners(parts, comm, loaded.stream.delivered()))
-        log.info("eval: pruned perplexity %.3f (dense %s) in %.1fs", ppl["pruned"],
-                 f"{ppl['dense']:.3f}" if "dense" in ppl else "not evaluated", seconds["eval"])
-
-    if cfg.eval.tasks and resident:
+        with phase(job.seconds, "eval"):
+            job.ppl["pruned"] = evaluate_ppl(cfg, loaded, job.windows, job.device, comm,
+                                             from_owners(job.parts, comm, loaded.stream.delivered()))
+        log.info("eval: pruned perplexity %.3f (dense %s) in %.1fs", job.ppl["pruned"],
+                 f"{job.ppl['dense']:.3f}" if "dense" in job.ppl else "not evaluated", job.seconds["eval"])
+    if cfg.eval.tasks and job.resident:
         # rank 0 needs every pruned weight; the perplexity pass above already brought each block's
         if comm.world_size > 1 and not cfg.eval.source:
-            share = from_owners(parts, comm)
+            share = from_owners(job.parts, comm)
             for i in range(len(decoder_blocks(loaded.model))):
                 share(i)
-        with phase(seconds, "zeroshot"):
-            scores["pruned"] = comm.on_main(lambda: zeroshot.on_device(loaded.model, loaded.tokenizer, cfg.eval,
-                                                                       device))
+        with phase(job.seconds, "zeroshot"):
+            job.scores["pruned"] = comm.on_main(lambda: zeroshot.on_device(loaded.model, loaded.tokenizer, cfg.eval,
+                                                                           job.device))
 
-    # peak resident memory of each rank's process so far (a sweep: over its jobs so far)
-    rss = comm.all_gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    # what each rank read of the checkpoint in this job's passes (after its load), received of
-    # other ranks' blocks, and read from the disk itself (page-cache misses, the whole job)
-    read, received = (a - b for a, b in zip(loaded.stream.traffic(), traffic_mark, strict=True))
-    blocks = {"read_bytes_per_rank": comm.all_gather_ints(read),
-              "received_bytes_per_rank": comm.all_gather_ints(received),
-              "disk_read_bytes_per_rank": comm.all_gather_ints(disk_read_bytes() - disk_mark)}
-    report = {
-        "model": loaded.source,
-        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        "device": device,
-        "world_size": comm.world_size,
-        "model_reused": how["mode"] == "reused",
-        "load": how,
-        "blocks": blocks,
-        "selection_bytes_per_rank": sent,  # statistics (a cache miss) and selection collectives
-        "weights": coverage.as_dict(),  # every parameter of the model, by what was done with it
-        **summary,
-        "perplexity": ppl or None,
-        "zeroshot": None,  # below, once the pruned model is evaluated
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
-        "peak_rss_gib": max(rss),
-        "peak_rss_gib_per_rank": rss,
-        "seconds": seconds,
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-    }
-    with checkpoint.atomic_dir(out, comm, cfg.overwrite) as tmp:
+
+def save(job: Job, result: dict) -> None:
+    """The checkpoint and the report, published together (checkpoint.atomic_dir); zero-shot
+    accuracies of a streamed model, from the checkpoint just written."""
+    cfg, comm, loaded, seconds = job.cfg, job.comm, job.loaded, job.seconds
+    with checkpoint.atomic_dir(job.out, comm, cfg.overwrite) as tmp:
         with phase(seconds, "save"):
             if cfg.save:
                 if comm.world_size > 1:
-                    plan.share_split(parts, comm)
+                    plan.share_split(job.parts, comm)
                 writer.write_checkpoint(tmp, loaded.model, loaded.tokenizer, cfg.max_shard_size,
-                                        plan.writer_parts(parts), comm, loaded.stream.read)
-        if cfg.eval.tasks and not resident:  # from the checkpoint just written
+                                        plan.writer_parts(job.parts), comm, loaded.stream.read)
+        if cfg.eval.tasks and not job.resident:  # from the checkpoint just written
             comm.barrier()
             with phase(seconds, "zeroshot"):
-                scores["pruned"] = comm.on_main(lambda: zeroshot.from_checkpoint(
-                    ModelConfig(name=cfg.model.name, path=str(tmp), dtype=cfg.model.dtype), cfg.eval, device))
+                job.scores["pruned"] = comm.on_main(lambda: zeroshot.from_checkpoint(
+                    ModelConfig(name=cfg.model.name, path=str(tmp), dtype=cfg.model.dtype), cfg.eval, job.device))
         if cfg.eval.tasks:
-            zeroshot.log_scores(scores, seconds["zeroshot"] + seconds.get("zeroshot_dense", 0.0))
-            report["zeroshot"] = zeroshot.report(scores)
+            zeroshot.log_scores(job.scores, seconds["zeroshot"] + seconds.get("zeroshot_dense", 0.0))
+            result["zeroshot"] = zeroshot.report(job.scores)
         if comm.is_main:
-            checkpoint.write_report(tmp, report)
-            if varied:
-                summarize.plot_allocation(report, tmp / ALLOCATION_PNG)
-    log.info("save: %s in %.1fs", out if cfg.save else f"report only in {out}", seconds["save"])
-    return report
+            checkpoint.write_report(tmp, result)
+            if report.varied(cfg):
+                summarize.plot_allocation(result, tmp / ALLOCATION_PNG)
+    log.info("save: %s in %.1fs", job.out if cfg.save else f"report only in {job.out}", seconds["save"])
 
 
 register_configs()
