@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distprune import allocate, methods, stats
+from distprune import allocate, methods, runner, stats
 from distprune.config import ConfigError, PruneConfig
 from distprune.dist import SINGLE, Comm, batch_share
 from distprune.layers import PrunableLayer, broadcast_weight, prunable_layers, weights_to
@@ -235,7 +235,7 @@ def calibrate_and_prune(model: nn.Module, config: PruneConfig, windows: Callable
 
         t1 = time.perf_counter()
         acc = method.statistic(layers, comm)
-        stats.collect(model, layers, mine(), device, acc, "sequential", prune_block, batch_size, show_progress,
+        runner.collect(model, layers, mine(), device, acc, "sequential", prune_block, batch_size, show_progress,
                       blocks_from, moe_policy)
         elapsed = time.perf_counter() - t1 - sum(groups.seconds.values())
         pruned = {r.name: r for part in comm.all_gather_objects(groups.layers) for r in part}
@@ -280,7 +280,7 @@ def _dense_statistics(model, statistic, layers, windows, device, batch_size, cac
     found = cached if int(everywhere) else None
     if found is None:
         acc = statistic(layers, comm)
-        stats.collect(model, layers, windows(), device, acc, batch_size=batch_size, show=show,
+        runner.collect(model, layers, windows(), device, acc, batch_size=batch_size, show=show,
                       blocks_from=blocks_from, moe_policy=moe_policy)
         found = acc.stats
         if cacheable and comm.is_main:
@@ -322,7 +322,7 @@ def _calibrate_and_solve(model: nn.Module, config: PruneConfig, windows: Callabl
         mark = comm.bytes_communicated
 
     t0 = time.perf_counter()
-    stats.collect(model, layers, windows(), device, acc, mode, solve_block, batch_size, show, blocks_from, moe_policy)
+    runner.collect(model, layers, windows(), device, acc, mode, solve_block, batch_size, show, blocks_from, moe_policy)
     elapsed = time.perf_counter() - t0 - seconds
     everyone = [r for part in comm.all_gather_objects(solved) for r in part]
     names = {layer.name for layer in own}

@@ -14,7 +14,7 @@ and shared-expert gates.
 
 Calibration runs an experts module with ``forward`` (its arguments: hidden_states (T, H),
 top_k_index (T, k), top_k_weights (T, k)), one expert after another, so that an expert's
-weights may come from memory or be read from disk one at a time (stats.collect) with the
+weights may come from memory or be read from disk one at a time (runner.collect) with the
 same numbers; each expert's step hands its inputs to the statistics. Expert e's gate and
 up see the hidden states of the tokens routed to it, its down sees act(gate) * up of those
 tokens (the module's own ``_apply_gate``). Routing weights scale an expert's output, not its
@@ -118,7 +118,7 @@ def forward(module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weight
     expert e's weights), summed in float32 in expert order: what distprune's calibration
     passes run instead of transformers' implementations (grouped_mm, eager), so that a
     block computes the same numbers whether its experts are in memory or read from disk
-    one at a time (stats.collect), on any number of ranks."""
+    one at a time (runner.collect), on any number of ranks."""
     flat, index, weights = flatten(hidden, index, weights)
     out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
     for e in range(num_experts(module)):

@@ -13,7 +13,7 @@ from torch import nn
 from distprune.dist import SINGLE, Comm, batch_share
 from distprune.layers import decoder_blocks
 from distprune.progress import progress
-from distprune.stats import StandIn, capture_block_inputs, run_block
+from distprune.runner import StandIn, capture_block_inputs, run_block
 from distprune.stream import IN_MEMORY, InMemory, Streamed, move
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the reference port lives with the tes
 
 from alps_reference import reference  # noqa: E402
 
-from distprune import alps, data, sparsegpt, stats  # noqa: E402
+from distprune import alps, data, runner, sparsegpt, stats  # noqa: E402
 from distprune.config import ModelConfig  # noqa: E402
 from distprune.layers import prunable_layers  # noqa: E402
 from distprune.models import load  # noqa: E402
@@ -48,7 +48,7 @@ def hessians(model_path: str | None, blocks: list[int], matrices: list[str], cal
             if la.name in keep:
                 kept[la.name] = (la.weight.detach().float().clone(), hs[la.name].clone())
 
-    stats.collect(model, layers, windows, "cpu", acc, "oneshot", on_block, batch_size=4, show=False)
+    runner.collect(model, layers, windows, "cpu", acc, "oneshot", on_block, batch_size=4, show=False)
     return kept
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, word_tokenizer
 from safetensors.torch import load_file
 
-from distprune import PruneConfig, prune, stats
+from distprune import PruneConfig, prune, runner, stats
 from distprune.api import calibrate_and_prune
 from distprune.cli import run
 from distprune.config import CalibConfig, ConfigError, EvalConfig, ModelConfig
@@ -55,7 +55,7 @@ def test_blockwise_stats_equal_full_forward(arch):
     layers = prunable_layers(model)
     ids = windows()
     acc = stats.ChannelSums(layers)
-    stats.collect(model, layers, ids, "cpu", acc, batch_size=4, show=False)
+    runner.collect(model, layers, ids, "cpu", acc, batch_size=4, show=False)
     got = acc.stats
     ref = direct_stats(model, layers, ids)
     for layer in layers:
@@ -72,18 +72,18 @@ def test_sequential_differs_from_oneshot_only_after_block0(arch):
     cfg_one = PruneConfig(method="wanda", scope="row", sparsity=0.5, mode="oneshot")
     seq, one = tiny_model(arch), tiny_model(arch)
     captured = {}
-    original = stats.collect
+    original = runner.collect
 
     def spy(model, layers, w, device, acc, mode="oneshot", *args, **kwargs):
         original(model, layers, w, device, acc, mode, *args, **kwargs)
         captured[mode] = acc.stats
 
-    stats.collect = spy
+    runner.collect = spy
     try:
         calibrate_and_prune(seq, cfg_seq, windows, "cpu", show_progress=False)
         calibrate_and_prune(one, cfg_one, windows, "cpu", show_progress=False)
     finally:
-        stats.collect = original
+        runner.collect = original
     for layer_s, layer_o in zip(prunable_layers(seq), prunable_layers(one), strict=True):
         same_stats = torch.equal(captured["sequential"][layer_s.name].sumsq, captured["oneshot"][layer_o.name].sumsq)
         same_weights = torch.equal(layer_s.weight, layer_o.weight)

@@ -12,7 +12,7 @@ from ranks import jobs
 from ranks import run as ranks_run
 from torch.overrides import TorchFunctionMode
 
-from distprune import moe, stats
+from distprune import moe, runner, stats
 from distprune.api import calibrate_and_prune
 from distprune.api import prune as api_prune
 from distprune.config import ConfigError, ModelConfig, PruneConfig
@@ -111,7 +111,7 @@ def test_expert_statistics_are_the_inputs_each_expert_sees(name, policy):
     model.config._experts_implementation = "eager"
     layers = prunable_layers(model)
     acc = stats.ChannelSums(layers)
-    stats.collect(model, layers, windows(), "cpu", acc, batch_size=4, show=False, moe_policy=policy)
+    runner.collect(model, layers, windows(), "cpu", acc, batch_size=4, show=False, moe_policy=policy)
     experts = [layer for layer in layers if layer.expert is not None]
     params = {id(layer.tensor): layer.key for layer in experts}
     mode = ExpertInputs(params)
@@ -516,7 +516,7 @@ def test_expert_by_expert_forward_equals_transformers(name):
 @pytest.mark.parametrize("policy", ["routed", "all"])
 def test_experts_read_one_at_a_time_give_the_same_statistics(tmp_path, name, policy):
     """A statistics pass over a streamed model whose experts this rank does not hold reads
-    them one expert at a time (stats._streamed_experts): the statistics are bit for bit
+    them one expert at a time (runner._streamed_experts): the statistics are bit for bit
     those of the model in memory, and no fused experts tensor is ever materialized."""
     from distprune.layers import outside_keys
     from distprune.models import load_streamed
@@ -525,7 +525,7 @@ def test_experts_read_one_at_a_time_give_the_same_statistics(tmp_path, name, pol
     loaded.model.save_pretrained(tmp_path / name)
     reference = prunable_layers(loaded.model)
     want = stats.ChannelSums(reference)
-    stats.collect(loaded.model, reference, windows(), "cpu", want, batch_size=4, show=False, moe_policy=policy)
+    runner.collect(loaded.model, reference, windows(), "cpu", want, batch_size=4, show=False, moe_policy=policy)
     streamed, _ = load_streamed(ModelConfig(path=str(tmp_path / name)), outside_keys)  # no layer resident
     layers = prunable_layers(streamed.model)
     fused = [m for m in streamed.model.modules() if moe.is_experts(m)]
@@ -533,7 +533,7 @@ def test_experts_read_one_at_a_time_give_the_same_statistics(tmp_path, name, pol
     for m in fused:
         m.register_forward_pre_hook(lambda mod, _args: materialized.append(not mod.gate_up_proj.is_meta))
     got = stats.ChannelSums(layers)
-    stats.collect(streamed.model, layers, windows(), "cpu", got, batch_size=4, show=False, blocks_from=streamed.stream,
+    runner.collect(streamed.model, layers, windows(), "cpu", got, batch_size=4, show=False, blocks_from=streamed.stream,
                   moe_policy=policy)
     assert materialized and not any(materialized)
     assert got.stats.keys() == want.stats.keys()

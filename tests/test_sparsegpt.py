@@ -10,7 +10,7 @@ from conftest import TINY
 from ranks import jobs
 from test_distributed import launch, tensors
 
-from distprune import PruneConfig, prune, scores, sparsegpt, stats
+from distprune import PruneConfig, prune, runner, scores, sparsegpt, stats
 from distprune.api import calibrate_and_prune
 from distprune.config import ModelConfig
 from distprune.layers import prunable_layers
@@ -162,7 +162,7 @@ def test_hessians_equal_a_direct_sum_and_share_inputs():
         hd.remove()
     acc = stats.Hessians(layers)
     got = {}
-    stats.collect(model, layers, ids, "cpu", acc, "oneshot", lambda _i, _l, hs: got.update(hs), batch_size=4,
+    runner.collect(model, layers, ids, "cpu", acc, "oneshot", lambda _i, _l, hs: got.update(hs), batch_size=4,
                   show=False)
     for layer in layers:
         x = inputs[layer.name].double()
