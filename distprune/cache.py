@@ -25,6 +25,7 @@ from distprune.writer import save_tensors
 
 log = logging.getLogger("distprune")
 
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DISTPRUNE_CACHE", Path.home() / ".cache" / "distprune"))
 

@@ -105,11 +105,11 @@ def repair(out: Path) -> Path | None:
 def remove_stale(out: Path) -> list[Path]:
     """Remove the temporary directories beside out that a run killed before it could clean
     up left behind (their owner process on this host is gone); returns them. An old output
-    is removed only once output_dir holds a complete one (``repair``)."""
+    is removed only once output_dir holds a complete one (``check_output`` has ``repair``ed
+    an interrupted publish before)."""
     removed = []
     if not out.parent.is_dir():
         return removed
-    repair(out)
     for kind in ("tmp", "old"):
         for p in out.parent.glob(f".{out.name}.{kind}-*"):
             if _dead_owner(p, out, kind) and (kind == "tmp" or out.exists()):

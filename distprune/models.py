@@ -24,6 +24,7 @@ from distprune.sources import (
     builtin_gguf,
     converted_ok,
     is_safetensors_dir,
+    location,
     model_config,
     quiet_transformers,
 )
@@ -153,14 +154,7 @@ def load_tokenizer(cfg: ModelConfig):
     enough for the windows asked): what ``load`` gives the model."""
     if cfg.random is not None:
         return byte_tokenizer() if model_config(cfg).get_text_config().vocab_size >= 256 else None
-    if cfg.path is None:
-        converted = cache_dir() / "models" / cfg.name
-        if converted_ok(converted):
-            return tokenizer_at(converted)
-        gguf = builtin_gguf(cfg.name)
-        return tokenizer_at(gguf.parent, gguf.name) if gguf is not None else None
-    p = Path(cfg.path).expanduser()
-    return tokenizer_at(p.parent, p.name) if p.is_file() else tokenizer_at(p if p.exists() else cfg.path)
+    return tokenizer_at(*location(cfg))
 
 
 def safetensors_dir(cfg: ModelConfig) -> Path | None:
@@ -257,9 +251,11 @@ def check_finite(model: nn.Module, cfg: ModelConfig | None = None) -> None:
     statistics of every layer after it, or the output that copies it would be meaningless.
     Tensors on the meta device, not loaded by this rank, are checked when they are read.
     ``cfg``: the model's source, to tell a cast that overflowed from damage."""
-    directory = safetensors_dir(cfg) if cfg is not None else None
-    reader = stream.Reader(directory) if directory is not None else None
+    def stored(name: str) -> torch.Tensor | None:  # asked only on failure: the headers are read then
+        directory = safetensors_dir(cfg) if cfg is not None else None
+        reader = stream.Reader(directory) if directory is not None else None
+        return reader.read(name) if reader is not None and name in reader.where else None
+
     for name, t in model.state_dict().items():
         if not t.is_meta:
-            stream.check_finite(name, t, (lambda n=name: reader.read(n) if n in reader.where else None)
-                                if reader is not None else None)
+            stream.check_finite(name, t, lambda n=name: stored(n))

